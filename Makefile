@@ -1,0 +1,58 @@
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEVICE ?= cpu
+DEMO_DIR ?= demo_out
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: help install install-gpu test test-all test-gpu lint fmt typecheck demo bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
+
+$(STAMP): requirements/cpu.txt requirements/torchrec.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -r requirements/cpu.txt
+	$(BIN)/pip install -q --no-deps -r requirements/torchrec.txt
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+install: $(STAMP) ## build .venv (CPU, pinned); quick when nothing changed
+
+install-gpu: ## build .venv with the CUDA builds of the same release line (needs an NVIDIA GPU)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -r requirements/gpu.txt
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+test: $(STAMP) ## fast tests (not slow, not gpu)
+	$(BIN)/pytest -q
+
+test-all: $(STAMP) ## every test, slow ones included
+	$(BIN)/pytest -q -m ""
+
+test-gpu: $(STAMP) ## tests that need CUDA (they skip themselves without it)
+	$(BIN)/pytest -q -m gpu
+
+lint: $(STAMP) ## ruff check + format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+fmt: $(STAMP) ## format and fix what ruff can
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+typecheck: $(STAMP) ## mypy (optional)
+	$(BIN)/pip install -q mypy && $(BIN)/mypy
+
+demo: $(STAMP) ## the main job on the default synthetic world (CPU)
+	$(BIN)/recsys-mtl synth --out $(DEMO_DIR)/raw --overwrite
+	$(BIN)/recsys-mtl prepare $(DEMO_DIR)/raw --out $(DEMO_DIR)/dataset --overwrite
+
+bench: $(STAMP) ## benchmarks (DEVICE=cpu|cuda); tables printed, json under benchmarks/results/
+	$(BIN)/python benchmarks/bench_synth.py --device $(DEVICE)
+	$(BIN)/python benchmarks/bench_reader.py --device $(DEVICE)
+
+clean: ## remove build outputs and demo data (keeps .venv)
+	rm -rf $(DEMO_DIR) .pytest_cache .ruff_cache build *.egg-info

@@ -1,0 +1,161 @@
+"""Prepared dataset -> stream of Batch: row groups read as Arrow, turned into tensors column by column (no per-row Python).
+
+Rank r of w reads every w-th row group of the (optionally shuffled) row-group list, so ranks read disjoint parts and
+together read every row exactly once.
+"""
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pyarrow.parquet as pq
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from recsys_mtl.data.batch import Batch
+from recsys_mtl.data.schema import KEY_PREFIX, SPLITS, Schema, check_dataset
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    """One parquet row group: the reader's unit of work."""
+
+    path: Path
+    index: int
+    num_rows: int
+
+
+class Dataset:
+    """A prepared dataset folder, checked against its schema when opened."""
+
+    def __init__(self, folder: Path | str, check: bool = True) -> None:
+        self.folder = Path(folder)
+        self.schema = Schema.load(self.folder)
+        if check:
+            check_dataset(self.folder, self.schema)
+
+    def row_groups(self, split: str) -> list[RowGroup]:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        groups = []
+        for name in self.schema.splits[split].files:
+            path = self.folder / name
+            meta = pq.ParquetFile(path).metadata
+            groups += [RowGroup(path, i, meta.row_group(i).num_rows) for i in range(meta.num_row_groups)]
+        return groups
+
+    def num_rows(self, split: str) -> int:
+        return self.schema.splits[split].num_rows
+
+
+class BatchBuilder:
+    """Turns a frame of shard rows into a Batch: vectorised over columns, never looping over rows."""
+
+    def __init__(self, schema: Schema) -> None:
+        self.schema = schema
+        dense = schema.dense_features
+        self.dense_columns = [f.name for f in dense]
+        self.log1p = np.array([f.transform == "log1p" for f in dense])
+        self.mean = np.array([f.mean for f in dense], dtype=np.float32)
+        self.std = np.array([f.std for f in dense], dtype=np.float32)
+        self.multi_hot = {f.name for f in schema.features if f.kind == "multi_hot"}
+        self.columns = [*schema.columns()]
+
+    def __call__(self, df: pl.DataFrame) -> Batch:
+        """Build a Batch from B shard rows.
+
+        Returns:
+            Batch with sparse lengths [F * B], dense [B, D_dense], labels and masks [B] per task.
+        """
+        num_rows = df.height
+        values, lengths = [], []
+        for key in self.schema.kjt_keys:
+            column = df.get_column(key)
+            if key in self.multi_hot:
+                lengths.append(column.list.len().to_numpy().astype(np.int32))
+                values.append(column.explode().drop_nulls().to_numpy())
+            else:
+                lengths.append(np.ones(num_rows, dtype=np.int32))
+                values.append(column.to_numpy())
+        sparse = KeyedJaggedTensor(
+            keys=list(self.schema.kjt_keys),
+            values=torch.from_numpy(np.concatenate(values).astype(np.int64, copy=False)),  # [sum of lengths]
+            lengths=torch.from_numpy(np.concatenate(lengths)),  # [F * B], feature-major
+        )
+        dense = df.select(self.dense_columns).to_numpy().astype(np.float32, copy=False)  # [B, D_dense], NaN = null
+        dense = np.where(self.log1p, np.log1p(dense), dense)
+        dense = np.nan_to_num((dense - self.mean) / self.std, nan=0.0)
+        labels, masks = {}, {}
+        for label in self.schema.labels:
+            target = df.get_column(label.column).to_numpy().astype(np.float32, copy=False)  # [B], NaN = absent
+            present = ~np.isnan(target)
+            labels[label.task] = torch.from_numpy(np.where(present, target, 0.0).astype(np.float32))
+            masks[label.task] = torch.from_numpy(present)
+        keys = df.select(KEY_PREFIX + k for k in self.schema.keys).rename(lambda c: c.removeprefix(KEY_PREFIX))
+        return Batch(sparse=sparse, dense=torch.from_numpy(dense), labels=labels, masks=masks, keys=keys)
+
+
+def read_batches(
+    dataset: Dataset,
+    split: str,
+    batch_size: int,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    shuffle: bool = False,
+    seed: int = 0,
+    epoch: int = 0,
+    drop_last: bool = False,
+    shuffle_window: int = 4,
+) -> Iterator[Batch]:
+    """Stream `split` as Batches of `batch_size` rows (the last one smaller unless `drop_last`).
+
+    Args:
+        dataset: an opened prepared dataset.
+        split: "train", "valid" or "test".
+        batch_size: rows per batch.
+        rank: this process's rank; it reads row groups rank, rank + world_size, ...
+        world_size: number of readers sharing the split.
+        shuffle: permute the row groups (the same permutation on every rank) and rows within a window of
+            `shuffle_window` row groups, seeded by (seed, epoch).
+        seed: shuffling seed.
+        epoch: varies the permutation from one epoch to the next.
+        drop_last: drop the final partial batch.
+        shuffle_window: row groups mixed together when shuffling rows.
+
+    Raises:
+        ValueError: bad batch_size, rank or world_size.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    groups = dataset.row_groups(split)
+    rng = np.random.default_rng([seed, epoch])
+    if shuffle:
+        groups = [groups[i] for i in rng.permutation(len(groups))]
+    mine = groups[rank::world_size]
+    build = BatchBuilder(dataset.schema)
+    columns = build.columns
+    window = shuffle_window if shuffle else 1
+    pending: pl.DataFrame | None = None
+    for start in range(0, len(mine), window):
+        frames = [_read_row_group(group, columns) for group in mine[start : start + window]]
+        frame = pl.concat(frames, rechunk=False)
+        if shuffle:
+            frame = frame[rng.permutation(frame.height)]
+        if pending is not None:
+            frame = pl.concat([pending, frame], rechunk=False)
+        num_full = frame.height // batch_size * batch_size
+        for offset in range(0, num_full, batch_size):
+            yield build(frame.slice(offset, batch_size))
+        pending = frame.slice(num_full) if num_full < frame.height else None
+    if pending is not None and not drop_last:
+        yield build(pending)
+
+
+def _read_row_group(group: RowGroup, columns: list[str]) -> pl.DataFrame:
+    table = pq.ParquetFile(group.path).read_row_group(group.index, columns=columns)
+    return pl.from_arrow(table)  # type: ignore[return-value]
