@@ -55,7 +55,7 @@ class FeatureDesc:
 
 @dataclass(frozen=True)
 class TextDesc:
-    """A text feature keyed by raw column `key`: texts come from `path` (default: the rows), `columns` joined by ". "."""
+    """A text feature keyed by raw column `key`: `columns` of `path` (default: the rows), joined by ". "."""
 
     name: str
     key: str
@@ -98,8 +98,10 @@ class SplitDesc:
         if self.method == "time" and not self.column:
             raise ValueError("split.method = 'time' needs split.column")
         if self.method == "files" and sorted(self.files) != ["test", "train", "valid"]:
-            raise ValueError(f"split.method = 'files' needs split.files with train, valid, test; got {sorted(self.files)}")
-        if self.method != "files" and not (0 < self.valid and 0 < self.test and self.valid + self.test < 1):
+            raise ValueError(
+                f"split.method = 'files' needs split.files with train, valid, test; got {sorted(self.files)}"
+            )
+        if self.method != "files" and not (self.valid > 0 and self.test > 0 and self.valid + self.test < 1):
             raise ValueError(f"split.valid and split.test must be > 0 with a sum < 1, got {self.valid}, {self.test}")
 
 

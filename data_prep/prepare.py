@@ -7,6 +7,7 @@ temporary folder, checked against its schema, and renamed into place.
 
 import hashlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import polars as pl
@@ -26,7 +27,8 @@ from recsys_mtl.data.schema import (
 from recsys_mtl.files import atomic_dir
 
 log = logging.getLogger(__name__)
-SPLIT, FILE = "__split", "__file"
+SPLIT, FILE, ENCODED = "__split", "__file", "__encoded_"
+Encoder = Callable[[pl.LazyFrame], pl.LazyFrame]  # adds the column ENCODED + feature name
 TEXT_SEPARATOR = ". "
 
 
@@ -54,10 +56,18 @@ def prepare(raw: Path, out: Path, desc: Description, overwrite: bool = False) ->
         features = tuple(
             dense.get(f.name) or FeatureSpec(name=f.name, kind=f.kind, table=f.table or f.name) for f in desc.features
         )
-        encoded = rows.select(
+        encoded = rows
+        for encode in encoders.values():
+            encoded = encode(encoded)
+        encoded = encoded.select(
             pl.col(SPLIT),
-            *(encoders.get(f.name, pl.col(f.source).cast(pl.Float32).alias(f.name)) for f in desc.features),
-            *(encoders[t.name] for t in desc.texts),
+            *(
+                pl.col(f.source).cast(pl.Float32).alias(f.name)
+                if f.kind == "dense"
+                else pl.col(ENCODED + f.name).alias(f.name)
+                for f in desc.features
+            ),
+            *(pl.col(ENCODED + t.name).alias(t.name) for t in desc.texts),
             *(pl.col(label.source).cast(pl.Float32).alias(label.name) for label in desc.labels),
             *(pl.col(key).alias(KEY_PREFIX + key) for key in desc.keys),
         )
@@ -128,8 +138,8 @@ def _scan_rows(raw: Path, desc: Description) -> pl.LazyFrame:
         rows = rows.join(side, on=join.on, how="left", maintain_order="left")
     if split.method == "time":
         cuts = rows.select(
-            pl.col(split.column).quantile(1 - split.valid - split.test, "lower").alias("valid"),
-            pl.col(split.column).quantile(1 - split.test, "lower").alias("test"),
+            pl.col(split.column).quantile(1 - split.valid - split.test, "higher").alias("valid"),
+            pl.col(split.column).quantile(1 - split.test, "higher").alias("test"),
         ).collect()
         time = pl.col(split.column)
         label = pl.when(time >= cuts["test"]).then(pl.lit("test")).when(time >= cuts["valid"]).then(pl.lit("valid"))
@@ -159,7 +169,9 @@ def _check_columns(rows: pl.LazyFrame, desc: Description) -> None:
     for f in desc.features:
         dtype = available[f.source]
         if f.kind == "multi_hot" and not isinstance(dtype, pl.List) and f.separator is None:
-            raise ValueError(f"column {f.source!r} (multi_hot {f.name!r}) has dtype {dtype}: give a list or a separator")
+            raise ValueError(
+                f"column {f.source!r} (multi_hot {f.name!r}) has dtype {dtype}: give a list or a separator"
+            )
         if f.kind == "dense" and not dtype.is_numeric():
             raise ValueError(f"column {f.source!r} (dense {f.name!r}) has dtype {dtype}, expected numbers")
     for label in desc.labels:
@@ -203,10 +215,25 @@ def _bucket(values: pl.Series, buckets: int) -> pl.Series:
     return values.replace_strict(uniq, [i % buckets + 1 for i in index], default=0, return_dtype=pl.Int64)
 
 
+def _join_encoder(source: pl.Expr, mapping: pl.DataFrame, name: str) -> Encoder:
+    """Encode by a left join on `mapping` (value -> index; unmatched -> 0): a join streams, a replace does not."""
+    right = mapping.lazy().select(pl.col("value").alias("__value"), pl.col("index").alias(ENCODED + name))
+
+    def encode(lf: pl.LazyFrame) -> pl.LazyFrame:
+        lf = lf.with_columns(source.alias("__value")).join(right, on="__value", how="left", maintain_order="left")
+        return lf.drop("__value").with_columns(pl.col(ENCODED + name).fill_null(0))
+
+    return encode
+
+
+def _column_encoder(expr: pl.Expr, name: str) -> Encoder:
+    return lambda lf: lf.with_columns(expr.alias(ENCODED + name))
+
+
 def _build_tables(
     train: pl.LazyFrame, desc: Description, vocab_dir: Path
-) -> tuple[list[TableSpec], dict[str, pl.Expr]]:
-    """One embedding table per distinct `table` of the id / multi-hot features, and each feature's encoding."""
+) -> tuple[list[TableSpec], dict[str, Encoder]]:
+    """One embedding table per distinct `table` of the id / multi-hot features, and each feature's encoder."""
     vocab_dir.mkdir()
     by_table: dict[str, list[FeatureDesc]] = {}
     for f in desc.features:
@@ -217,13 +244,18 @@ def _build_tables(
     for name, features in by_table.items():
         opts = desc.table_options(name)
         dim = opts.embedding_dim or desc.embedding_dim
-        dtypes = {schema[f.source].inner if isinstance(schema[f.source], pl.List) else schema[f.source] for f in features}
+        dtypes = {
+            schema[f.source].inner if isinstance(schema[f.source], pl.List) else schema[f.source] for f in features
+        }
         dtypes = {pl.String} if any(f.separator is not None for f in features) else dtypes
         dtype = dtypes.pop() if len(dtypes) == 1 else pl.String
         if opts.hash_buckets:
-            tables.append(TableSpec(name=name, num_embeddings=opts.hash_buckets + 1, embedding_dim=dim, encoding="hash"))
+            tables.append(
+                TableSpec(name=name, num_embeddings=opts.hash_buckets + 1, embedding_dim=dim, encoding="hash")
+            )
+            buckets = opts.hash_buckets
 
-            def encode(values: pl.Expr, buckets: int = opts.hash_buckets) -> pl.Expr:
+            def lookup(values: pl.Expr, buckets: int = buckets) -> pl.Expr:
                 return values.map_batches(lambda s: _bucket(s, buckets), return_dtype=pl.Int64)
 
         else:
@@ -231,16 +263,20 @@ def _build_tables(
             vocab.write_parquet(vocab_dir / f"{name}.parquet")
             tables.append(TableSpec(name=name, num_embeddings=vocab.height + 1, embedding_dim=dim))
 
-            def encode(values: pl.Expr, vocab: pl.DataFrame = vocab) -> pl.Expr:
+            def lookup(values: pl.Expr, vocab: pl.DataFrame = vocab) -> pl.Expr:
                 return values.replace_strict(vocab["value"], vocab["index"], default=0, return_dtype=pl.Int64)
 
         for f in features:
             values = _values(f)
             if f.kind == "multi_hot":
-                encoded = values.list.eval(encode(pl.element().cast(dtype))).fill_null(pl.lit([], pl.List(pl.Int64)))
+                empty = pl.lit([], pl.List(pl.Int64))
+                encoders[f.name] = _column_encoder(
+                    values.list.eval(lookup(pl.element().cast(dtype))).fill_null(empty), f.name
+                )
+            elif opts.hash_buckets:
+                encoders[f.name] = _column_encoder(lookup(values.cast(dtype)), f.name)
             else:
-                encoded = encode(values.cast(dtype)).fill_null(0)
-            encoders[f.name] = encoded.alias(f.name)
+                encoders[f.name] = _join_encoder(values.cast(dtype), vocab, f.name)
     return tables, encoders
 
 
@@ -257,7 +293,7 @@ def _vocabulary(train: pl.LazyFrame, features: list[FeatureDesc], dtype: pl.Data
 
 
 def _build_text(
-    raw: Path, rows: pl.LazyFrame, text: TextDesc, desc: Description, text_dir: Path, encoders: dict[str, pl.Expr]
+    raw: Path, rows: pl.LazyFrame, text: TextDesc, desc: Description, text_dir: Path, encoders: dict[str, Encoder]
 ) -> TextSpec:
     """Write text/<name>.parquet (id 1.., key, text) and register the key -> id encoding of the feature."""
     text_dir.mkdir(exist_ok=True)
@@ -280,9 +316,8 @@ def _build_text(
         .with_columns(pl.col("id").cast(pl.Int64))
     )
     table.write_parquet(text_dir / f"{text.name}.parquet")
-    encoders[text.name] = (
-        pl.col(text.key).replace_strict(table["key"], table["id"], default=0, return_dtype=pl.Int64).alias(text.name)
-    )
+    mapping = table.select(pl.col("key").alias("value"), pl.col("id").alias("index"))
+    encoders[text.name] = _join_encoder(pl.col(text.key).cast(mapping["value"].dtype), mapping, text.name)
     return TextSpec(name=text.name, key=text.key, num_texts=table.height + 1)
 
 

@@ -134,7 +134,9 @@ class World:
 
         product_latent = brand_vec[brand] + p_attr_vec[attr1] + has_attr2[:, None] * p_attr_vec[attr2]
         noise = rng.normal(0, 0.25, (n, k))
-        self.item_latent = self.centroids[category] + noise + np.where(is_content[:, None], c_attr_vec[c_attr], product_latent)
+        self.item_latent = (
+            self.centroids[category] + noise + np.where(is_content[:, None], c_attr_vec[c_attr], product_latent)
+        )
         product_appeal = p_appeal[attr1] + has_attr2 * p_appeal[attr2] + 0.3 * brand_quality[brand]
         product_quality = brand_quality[brand] + p_quality[attr1] + has_attr2 * p_quality[attr2]
         self.item_appeal = np.where(is_content, c_appeal[c_attr], product_appeal)
@@ -217,7 +219,9 @@ class World:
             }
         )
 
-    def impressions(self, day: int, n: int, first_id: int, rng: np.random.Generator) -> tuple[pl.DataFrame, pl.DataFrame]:
+    def impressions(
+        self, day: int, n: int, first_id: int, rng: np.random.Generator
+    ) -> tuple[pl.DataFrame, pl.DataFrame]:
         """Draw `n` impressions of `day`. Returns (impressions, oracle), both with n rows in the same order."""
         users = _draw(_cdf(self.user_weight), rng, n)
         age = day - self.item_launch
@@ -249,7 +253,10 @@ class World:
         conv_logit = np.where(
             content,
             -3.0 + 0.4 * affinity + 0.5 * quality,
-            -1.9 + 0.5 * affinity + 0.8 * quality - self.user_price_sensitivity[users] * self.item_relative_price[items],
+            -1.9
+            + 0.5 * affinity
+            + 0.8 * quality
+            - self.user_price_sensitivity[users] * self.item_relative_price[items],
         )
         p_conv = _sigmoid(conv_logit)
         p_rating = _sigmoid(0.6 + 1.5 * quality + 0.3 * affinity + self.user_rating_bias[users])

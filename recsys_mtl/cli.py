@@ -29,8 +29,10 @@ def _prepare(args: argparse.Namespace) -> None:
 
     schema = prepare(args.raw, args.out, load_description(args.description), overwrite=args.overwrite)
     rows = ", ".join(f"{name} {split.num_rows:,}" for name, split in schema.splits.items())
-    print(f"prepared {schema.name!r} to {args.out}: {rows} rows; {len(schema.features)} features, "
-          f"{len(schema.texts)} texts, tasks {[label.task for label in schema.labels]}")
+    print(
+        f"prepared {schema.name!r} to {args.out}: {rows} rows; {len(schema.features)} features, "
+        f"{len(schema.texts)} texts, tasks {[label.task for label in schema.labels]}"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,9 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
         "probabilities for every impression. The same seed gives the same bytes.",
     )
     synth.add_argument("--out", type=Path, required=True, help="output folder for the raw tables")
-    synth.add_argument("--impressions", type=int, default=defaults.impressions, help="impressions in the log (%(default)s)")
+    synth.add_argument(
+        "--impressions", type=int, default=defaults.impressions, help="impressions in the log (%(default)s)"
+    )
     synth.add_argument("--users", type=int, default=defaults.users, help="number of users (%(default)s)")
-    synth.add_argument("--items", type=int, default=defaults.items, help="number of items, products and content (%(default)s)")
+    synth.add_argument(
+        "--items", type=int, default=defaults.items, help="number of items, products and content (%(default)s)"
+    )
     synth.add_argument("--ads", type=int, default=defaults.ads, help="number of ads (%(default)s)")
     synth.add_argument("--days", type=int, default=defaults.days, help="days covered by the log, >= 3 (%(default)s)")
     synth.add_argument("--seed", type=int, default=defaults.seed, help="random seed (%(default)s)")

@@ -26,40 +26,46 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path}: invalid TOML: {err}") from err
 
 
-def from_mapping(cls: type[T], data: Any, where: str) -> T:
+def from_mapping(cls: type[T], data: Any, source: str, prefix: str = "") -> T:
     """Build dataclass `cls` from a parsed TOML table, recursively.
 
     Args:
         cls: a dataclass whose fields are annotated with plain types, Literals, tuples, dicts, unions and dataclasses.
         data: the parsed table.
-        where: location for error messages, e.g. "[features.user_id] in desc.toml".
+        source: where the table came from, for error messages (usually the file).
+        prefix: the dotted key of this table within the source ("" at the top).
 
     Raises:
-        ValueError: unknown key, missing key, or a value of the wrong type (the message names key and location).
+        ValueError: unknown key, missing key, or a value of the wrong type; the message names the key and the source.
     """
+    where = f"[{prefix}] in {source}" if prefix else source
     if not isinstance(data, dict):
         raise ValueError(f"{where}: expected a table, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     hints = typing.get_type_hints(cls)
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ValueError(f"unknown key {unknown[0]!r} in {where} (expected one of {sorted(fields)})")
+        raise ValueError(
+            f"unknown key {prefix + '.' if prefix else ''}{unknown[0]} in {source} (expected one of {sorted(fields)})"
+        )
     kwargs = {}
     for name, field in fields.items():
+        key = f"{prefix}.{name}" if prefix else name
         if name in data:
-            kwargs[name] = _convert(hints[name], data[name], f"{name!r} in {where}")
+            kwargs[name] = _convert(hints[name], data[name], key, source)
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
-            raise ValueError(f"missing key {name!r} in {where}")
+            raise ValueError(f"missing key {key} in {source}")
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as err:
         raise ValueError(f"{where}: {err}") from err
 
 
-def _convert(hint: Any, value: Any, where: str) -> Any:
+def _convert(hint: Any, value: Any, key: str, source: str) -> Any:
     origin, args = get_origin(hint), get_args(hint)
+    where = f"{key} in {source}"
     if dataclasses.is_dataclass(hint):
-        return from_mapping(hint, value, where)  # type: ignore[arg-type]
+        return from_mapping(hint, value, source, key)  # type: ignore[arg-type]
     if origin is Literal:
         if value not in args:
             raise ValueError(f"{where}: expected one of {list(args)}, got {value!r}")
@@ -70,7 +76,7 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
         errors = []
         for arg in (a for a in args if a is not type(None)):
             try:
-                return _convert(arg, value, where)
+                return _convert(arg, value, key, source)
             except ValueError as err:
                 errors.append(str(err))
         raise ValueError(errors[0])
@@ -78,11 +84,11 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
         if not isinstance(value, list | tuple):
             raise ValueError(f"{where}: expected a list, got {value!r}")
         item_hint = args[0] if args else Any
-        return tuple(_convert(item_hint, v, f"{where}[{i}]") for i, v in enumerate(value))
+        return tuple(_convert(item_hint, v, f"{key}[{i}]", source) for i, v in enumerate(value))
     if origin is dict:
         if not isinstance(value, dict):
             raise ValueError(f"{where}: expected a table, got {value!r}")
-        return {k: _convert(args[1], v, f"{where}.{k}") for k, v in value.items()}
+        return {k: _convert(args[1], v, f"{key}.{k}", source) for k, v in value.items()}
     if hint is Any:
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):

@@ -1,4 +1,4 @@
-"""Prepared dataset -> stream of Batch: row groups read as Arrow, turned into tensors column by column (no per-row Python).
+"""Prepared dataset -> stream of Batch: row groups read as Arrow, made into tensors by column, never by row.
 
 Rank r of w reads every w-th row group of the (optionally shuffled) row-group list, so ranks read disjoint parts and
 together read every row exactly once.

@@ -43,7 +43,9 @@ class TableSpec:
 
     def __post_init__(self) -> None:
         if self.embedding_dim % 4 != 0 or self.embedding_dim < 4:
-            raise ValueError(f"table {self.name!r}: embedding_dim must be a positive multiple of 4, got {self.embedding_dim}")
+            raise ValueError(
+                f"table {self.name!r}: embedding_dim must be a positive multiple of 4, got {self.embedding_dim}"
+            )
         if self.num_embeddings < 1:
             raise ValueError(f"table {self.name!r}: num_embeddings must be >= 1, got {self.num_embeddings}")
 
@@ -111,7 +113,9 @@ class Schema:
         tables = {t.name for t in self.tables}
         for f in self.features:
             if f.kind != "dense" and f.table not in tables:
-                raise ValueError(f"feature {f.name!r} uses table {f.table!r}, which is not among tables {sorted(tables)}")
+                raise ValueError(
+                    f"feature {f.name!r} uses table {f.table!r}, which is not among tables {sorted(tables)}"
+                )
         names = [*self.columns()]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate column names in {names}")

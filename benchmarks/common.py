@@ -1,0 +1,48 @@
+"""Helpers shared by the benchmark scripts: timing, tables, result files."""
+
+import json
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def best_of(fn: Callable[[], object], repeats: int) -> float:
+    """The fastest of `repeats` wall-clock runs of fn, in seconds (the least disturbed by other load)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def print_table(rows: list[dict], title: str) -> None:
+    columns = list(rows[0])
+    widths = [max(len(c), *(len(_fmt(r[c])) for r in rows)) for c in columns]
+    print(f"\n{title}")
+    print("| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in rows:
+        print("| " + " | ".join(_fmt(r[c]).ljust(w) for c, w in zip(columns, widths, strict=True)) + " |")
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:,.2f}" if value < 1000 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def write_results(name: str, rows: list[dict], **meta: object) -> Path:
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    info = {"machine": platform.machine(), "cpus": torch.get_num_threads(), "torch": torch.__version__, **meta}
+    path.write_text(json.dumps({"meta": info, "rows": rows}, indent=2) + "\n")
+    print(f"\nwrote {path}")
+    return path

@@ -1,0 +1,40 @@
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from recsys_mtl.cli import main
+from recsys_mtl.data.loader import Dataset
+
+
+def test_synth_then_prepare_from_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    raw, out = tmp_path / "raw", tmp_path / "ds"
+    args = ["--impressions", "6000", "--users", "100", "--items", "80", "--ads", "8", "--days", "5", "--quiet"]
+    assert main(["synth", "--out", str(raw), *args]) == 0
+    assert main(["prepare", str(raw), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "6,000 impressions" in printed
+    assert "tasks ['ctr', 'cvr', 'rating', 'reads']" in printed
+    assert sum(s.num_rows for s in Dataset(out).schema.splits.values()) == 6000
+    assert pl.read_parquet(raw / "oracle").height == 6000
+
+
+def test_user_errors_exit_2_with_a_message(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["synth", "--out", str(tmp_path / "raw"), "--days", "2"]) == 2
+    assert (
+        "recsys-mtl synth: error: --days must be >= 3 (train, valid and test take whole days), got 2"
+        in capsys.readouterr().err
+    )
+    assert main(["prepare", str(tmp_path / "missing"), "--out", str(tmp_path / "ds")]) == 2
+    assert "no raw file matches 'impressions/*.parquet'" in capsys.readouterr().err
+    assert main(["prepare", str(tmp_path), "--out", str(tmp_path / "ds"), "--description", "nope"]) == 2
+    assert "nope.toml: no such file" in capsys.readouterr().err
+    assert not (tmp_path / "ds").exists()
+
+
+@pytest.mark.parametrize(("command", "option"), [("synth", "--impressions"), ("prepare", "--description")])
+def test_every_subcommand_has_help(command: str, option: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert option in capsys.readouterr().out
