@@ -1,6 +1,6 @@
 """Synthetic world generation and preparation: rows/s and peak memory at two sizes (memory must stay bounded).
 
-    python benchmarks/bench_synth.py [--sizes 1000000 10000000]
+python benchmarks/bench_synth.py [--sizes 1000000 10000000]
 """
 
 import argparse
@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import print_table, write_results  # noqa: E402
+from common import print_table, write_results
 
 CHILD = """
 import json, resource, sys, time
