@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -6,7 +7,12 @@ from data_prep.description import load_description
 from data_prep.prepare import prepare
 from data_prep.synth import WorldConfig, generate_world
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
+# the project's small real datasets live beside the checkout (../shared/data); a clone elsewhere can point at them
+SHARED_DATA_CANDIDATES = [
+    Path(os.environ.get("RECSYS_MTL_SHARED_DATA", REPO.parent / "shared" / "data")),
+    Path("/work/shared/data"),
+]
 TINY_WORLD = WorldConfig(impressions=30_000, users=400, items=300, ads=40, days=7, seed=7, chunk_rows=4_000)
 
 
@@ -27,7 +33,7 @@ def tiny_dataset(tiny_world: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 def shared_data(name: str) -> Path:
-    path = SHARED_DATA / name
-    if not path.is_dir():
-        pytest.skip(f"{path} is not available")
-    return path
+    for root in SHARED_DATA_CANDIDATES:
+        if (root / name).is_dir():
+            return root / name
+    pytest.skip(f"{name} not found under {[str(p) for p in SHARED_DATA_CANDIDATES]}; set RECSYS_MTL_SHARED_DATA")
