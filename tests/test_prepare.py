@@ -1,3 +1,4 @@
+import hashlib
 from pathlib import Path
 
 import polars as pl
@@ -205,3 +206,24 @@ def test_existing_dataset_is_replaced_only_with_overwrite(tmp_path: Path) -> Non
         prepare(raw, tmp_path / "ds", desc)
     prepare(raw, tmp_path / "ds", desc, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "raw"]
+
+
+def test_hashed_table_buckets_every_value_stably(tmp_path: Path) -> None:
+    raw = _toy_raw(tmp_path / "raw")
+    (raw / "toy.toml").write_text(
+        TOY_DESCRIPTION.replace("[tables.item]\nmin_count = 2", "[tables.item]\nhash_buckets = 7")
+    )
+    schema = prepare(raw, tmp_path / "ds", load_description(raw / "toy.toml"))
+    assert schema.table("item").num_embeddings == 8
+    assert schema.table("item").encoding == "hash"
+    rows = (
+        pl.concat(pl.read_parquet(tmp_path / "ds" / s) for s in ("train", "valid", "test"))
+        .select("key_row", "item")
+        .sort("key_row")
+    )
+    raw_items = pl.read_csv(raw / "rows.csv").sort("row")["item"].to_list()
+    expected = [
+        int.from_bytes(hashlib.blake2b(str(v).encode(), digest_size=8).digest(), "little") % 7 + 1 for v in raw_items
+    ]
+    assert rows["item"].to_list() == expected  # item 3, unseen in train, still gets its own bucket
+    assert not (tmp_path / "ds" / "vocab" / "item.parquet").exists()
