@@ -11,10 +11,10 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
 
-$(STAMP): requirements/cpu.txt requirements/torchrec.txt pyproject.toml
+$(STAMP): requirements/cpu.txt requirements/nodeps.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -r requirements/cpu.txt
-	$(BIN)/pip install -q --no-deps -r requirements/torchrec.txt
+	$(BIN)/pip install -q --no-deps -r requirements/nodeps.txt
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
@@ -23,6 +23,7 @@ install: $(STAMP) ## build .venv (CPU, pinned); quick when nothing changed
 install-gpu: ## build .venv with the CUDA builds of the same release line (needs an NVIDIA GPU)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -r requirements/gpu.txt
+	$(BIN)/pip install -q --no-deps -r requirements/nodeps.txt
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
