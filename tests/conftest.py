@@ -2,6 +2,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from data_prep.description import load_description
 from data_prep.prepare import prepare
@@ -37,3 +38,27 @@ def shared_data(name: str) -> Path:
         if (root / name).is_dir():
             return root / name
     pytest.skip(f"{name} not found under {[str(p) for p in SHARED_DATA_CANDIDATES]}; set RECSYS_MTL_SHARED_DATA")
+
+
+def make_tiny_bert(folder: Path) -> Path:
+    """A random 2-layer BERT with a 99-token word-piece vocabulary, saved as a local transformers folder."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *letters, *(f"##{c}" for c in letters), *"0123456789"]
+    vocab += list(".,:;!?'-()%&/") + ["the", "on", "to", "of", "in", "and", "for", "shoes", "dress", "guide", "video"]
+    vocab = vocab[:99]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True).save_pretrained(folder)
+    torch.manual_seed(0)
+    config = BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, vocab_size=len(vocab)
+    )
+    BertModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_bert(tmp_path_factory.mktemp("bert") / "tiny-bert")

@@ -1,0 +1,170 @@
+"""The run configuration: one frozen Config per run, loaded from TOML, then `--set key=value` overrides, then checked."""
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+
+from recsys_mtl.files import atomic_write_text
+from recsys_mtl.structs import from_mapping, read_toml, to_mapping
+
+Freezable = Literal["shared", "text_projection", "bert"]
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """A task to learn; its label and kind come from the dataset schema.
+
+    `after` names a task whose positive event must precede this one (cvr after ctr). With `esmm`, this task's
+    probability is multiplied by the other's and supervised on every row (pCTCVR = pCTR * pCVR); without, it is
+    supervised directly on the rows where the other task's label is 1.
+    """
+
+    name: str
+    weight: float = 1.0
+    loss: Literal["auto", "mse", "huber"] = "auto"  # regression tasks: mean squared error or Huber
+    after: str | None = None
+    esmm: bool = True
+
+    def __post_init__(self) -> None:
+        if self.weight < 0:
+            raise ValueError(f"task {self.name!r}: weight must be >= 0, got {self.weight}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Network shape. shared_bottom: one shared expert; mmoe: `num_experts` shared experts and a gate per task;
+    ple: `num_levels` CGC levels of `num_experts` shared and `num_task_experts` task-specific experts."""
+
+    arch: Literal["shared_bottom", "mmoe", "ple"] = "mmoe"
+    num_experts: int = 4
+    num_task_experts: int = 1
+    num_levels: int = 2
+    expert_dims: tuple[int, ...] = (128, 64)
+    tower_dims: tuple[int, ...] = (32,)
+    dense_dims: tuple[int, ...] = (16,)
+    text_dim: int = 32  # width of each text projection; 0 disables the text branch
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.arch != "shared_bottom" and self.num_experts < 1:
+            raise ValueError(f"model.num_experts must be >= 1 for arch={self.arch!r}, got {self.num_experts}")
+        if self.arch == "ple" and (self.num_levels < 1 or self.num_task_experts < 1):
+            raise ValueError(f"model.num_levels and num_task_experts must be >= 1 for ple, got {self.num_levels}, "
+                             f"{self.num_task_experts}")
+        if not self.expert_dims or min(self.expert_dims) < 1 or min(self.tower_dims, default=1) < 1:
+            raise ValueError(f"model.expert_dims must be non-empty and positive, got {self.expert_dims}")
+        if self.text_dim < 0 or not 0 <= self.dropout < 1:
+            raise ValueError(f"model.text_dim must be >= 0 and dropout in [0, 1), got {self.text_dim}, {self.dropout}")
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """BERT text features: `model` is the packaged all-MiniLM-L6-v2 or a local transformers folder."""
+
+    model: str = "all-MiniLM-L6-v2"
+    batch_size: int = 256
+    max_length: int = 64
+    dtype: Literal["float32", "bfloat16"] = "bfloat16"
+    finetune_layers: int = 0  # > 0: run BERT in the model and fine-tune its last k layers (small runs)
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.max_length < 2 or self.finetune_layers < 0:
+            raise ValueError(f"text: batch_size >= 1, max_length >= 2, finetune_layers >= 0 expected, got "
+                             f"{self.batch_size}, {self.max_length}, {self.finetune_layers}")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """task: mean per task, then the weighted sum; sample: weighted sum over a row's tasks, then the mean over rows."""
+
+    reduction: Literal["task", "sample"] = "task"
+    weighting: Literal["fixed", "uncertainty", "gradnorm"] = "fixed"
+    gradnorm_alpha: float = 1.5
+    gradnorm_lr: float = 0.025
+    tower_l2: float = 0.0  # lambda of the L2 penalty on tower weights
+    huber_delta: float = 1.0
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    embedding_lr: float = 0.05  # row-wise Adagrad, fused into the backward pass
+    dense: Literal["adam", "adamw"] = "adam"
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.embedding_lr <= 0 or self.lr <= 0:
+            raise ValueError(f"optim.embedding_lr and optim.lr must be > 0, got {self.embedding_lr}, {self.lr}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 2048
+    epochs: int = 1
+    max_steps: int = 0  # 0: no limit
+    schedule: Literal["joint", "alternating"] = "joint"  # alternating: joint steps between per-task steps in turn
+    freeze: tuple[Freezable, ...] = ()
+    bf16: bool = False  # autocast matmuls to bfloat16 (losses stay fp32)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.epochs < 1 or self.max_steps < 0:
+            raise ValueError(f"train: batch_size >= 1, epochs >= 1, max_steps >= 0 expected, got "
+                             f"{self.batch_size}, {self.epochs}, {self.max_steps}")
+
+
+@dataclass(frozen=True)
+class Config:
+    dataset: str
+    tasks: tuple[TaskConfig, ...]
+    model: ModelConfig = field(default_factory=ModelConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        names = [t.name for t in self.tasks]
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"tasks must be non-empty with unique names, got {names}")
+        for task in self.tasks:
+            if task.after is not None and task.after not in names:
+                raise ValueError(f"task {task.name!r}: after = {task.after!r} is not among tasks {names}")
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.tasks)
+
+    def save(self, path: Path) -> None:
+        atomic_write_text(Path(path), tomli_w.dumps(to_mapping(self)))
+
+
+def load_config(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a TOML config and apply `key=value` overrides (dotted keys, TOML values; bare words are strings).
+
+    Raises:
+        ValueError: an unknown key, a malformed override or an invalid value, naming the key and the file.
+    """
+    data = read_toml(Path(path))
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"override {override!r} must look like section.key=value")
+        *parents, leaf = key.strip().split(".")
+        table = data
+        for part in parents:
+            table = table.setdefault(part, {})
+            if not isinstance(table, dict):
+                raise ValueError(f"override {override!r}: {part!r} is not a table")
+        table[leaf] = _parse_value(text.strip())
+    return from_mapping(Config, data, str(path))
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError:
+        return text

@@ -1,0 +1,104 @@
+"""Process group, sharding plan and DistributedModelParallel: the same path for 1 process and N.
+
+Embedding tables are sharded by torchrec's planner (table-wise on the fused kernel unless constrained) and updated by
+fbgemm's fused row-wise Adagrad inside the backward pass; dense parameters get Adam / AdamW through torchrec's
+KeyedOptimizerWrapper.
+"""
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.sharding_plan import get_default_sharders
+from torchrec.distributed.types import ShardingEnv, ShardingPlan, ShardingType
+from torchrec.optim import RowWiseAdagrad
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.keyed import KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+from recsys_mtl.config import Config
+from recsys_mtl.model.ranker import MultiTaskRanker
+
+log = logging.getLogger(__name__)
+
+
+def init_process_group(device: torch.device) -> dist.ProcessGroup:
+    """The default process group: joined from torchrun's environment when launched by it (env://), else a
+    single-process group on an in-memory store (no port). gloo on CPU, nccl on CUDA."""
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if dist.is_torchelastic_launched():
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return dist.group.WORLD
+
+
+def destroy_process_group() -> None:
+    """Leave the process group after every rank has arrived (a bare destroy could abort peers mid-collective)."""
+    if dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
+@dataclass
+class ShardedRanker:
+    model: DistributedModelParallel
+    dense_optimizer: KeyedOptimizerWrapper
+    plan: ShardingPlan
+
+    @property
+    def module(self) -> MultiTaskRanker:
+        return self.model.module
+
+
+def _constraints(model: MultiTaskRanker) -> dict[str, ParameterConstraints]:
+    fused = [EmbeddingComputeKernel.FUSED.value]
+    names = [c.name for c in model.ebc.embedding_bag_configs()]
+    if model.text_ebc is not None:
+        names += [c.name for c in model.text_ebc.embedding_bag_configs()]
+    return {name: ParameterConstraints(sharding_types=[ShardingType.TABLE_WISE.value], compute_kernels=fused) for name in names}
+
+
+def shard_model(model: MultiTaskRanker, cfg: Config, device: torch.device) -> ShardedRanker:
+    """Plan, shard and wrap `model` (built on the meta device) with its optimizers.
+
+    Frozen parts get no optimizer: `train.freeze`, the text tables (their output is detached, so the fused kernel
+    never sees a gradient for them) and BERT outside its fine-tuned layers.
+    """
+    pg = init_process_group(device)
+    apply_optimizer_in_backward(RowWiseAdagrad, model.ebc.parameters(), {"lr": cfg.optim.embedding_lr})
+    _freeze(model, cfg)
+    topology = Topology(world_size=dist.get_world_size(pg), compute_device=device.type)
+    planner = EmbeddingShardingPlanner(topology=topology, constraints=_constraints(model))
+    plan = planner.collective_plan(model, get_default_sharders(), pg)
+    sharded = DistributedModelParallel(model, env=ShardingEnv.from_process_group(pg), device=device, plan=plan)
+    dense = {
+        name: param
+        for name, param in in_backward_optimizer_filter(sharded.named_parameters())
+        if param.requires_grad and "text_ebc." not in name  # frozen text tables: their output is detached
+    }
+    optimizer_cls = torch.optim.AdamW if cfg.optim.dense == "adamw" else torch.optim.Adam
+    optimizer = KeyedOptimizerWrapper(
+        dense, lambda params: optimizer_cls(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    )
+    return ShardedRanker(model=sharded, dense_optimizer=optimizer, plan=plan)
+
+
+def _freeze(model: MultiTaskRanker, cfg: Config) -> None:
+    parts: dict[str, list[nn.Module]] = {
+        "shared": [model.mixture],
+        "text_projection": [model.text_projections],
+        "bert": [model.text_finetuner] if model.text_finetuner is not None else [],
+    }
+    for part in cfg.train.freeze:
+        for module in parts[part]:
+            for param in module.parameters():
+                param.requires_grad_(False)

@@ -1,0 +1,80 @@
+"""Embedding tables from the schema, as torchrec EmbeddingBagCollections, and loading rows into them."""
+
+import torch
+from torch import Tensor, nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, PoolingType
+
+from recsys_mtl.data.schema import Schema
+
+TEXT_TABLE_PREFIX = "text_"
+
+
+def build_ebc(schema: Schema, device: torch.device) -> EmbeddingBagCollection:
+    """One table per schema table, shared by the features that name it; bags are mean-pooled.
+
+    forward: KJT with `Schema.sparse_features` keys -> KeyedTensor of [B, D_emb] per feature.
+    """
+    tables = [
+        EmbeddingBagConfig(
+            name=table.name,
+            embedding_dim=table.embedding_dim,
+            num_embeddings=table.num_embeddings,
+            feature_names=[f.name for f in schema.sparse_features if f.table == table.name],
+            pooling=PoolingType.MEAN,
+        )
+        for table in schema.tables
+    ]
+    return EmbeddingBagCollection(tables=tables, device=device)
+
+
+def build_text_ebc(schema: Schema, text_dims: dict[str, int], device: torch.device) -> EmbeddingBagCollection:
+    """Frozen tables of precomputed text vectors, one per text feature, looked up by text row.
+
+    forward: KJT with `Schema.texts` keys -> KeyedTensor of [B, D_text] per text feature.
+    """
+    tables = [
+        EmbeddingBagConfig(
+            name=TEXT_TABLE_PREFIX + text.name,
+            embedding_dim=text_dims[text.name],
+            num_embeddings=text.num_texts,
+            feature_names=[text.name],
+            pooling=PoolingType.SUM,
+        )
+        for text in schema.texts
+    ]
+    return EmbeddingBagCollection(tables=tables, device=device)
+
+
+@torch.no_grad()
+def write_table(module: nn.Module, table: str, weights: Tensor) -> None:
+    """Copy a whole table [num_embeddings, D] into `module`'s table `table`, sharded or not (each rank copies the
+    rows and columns of its own shards).
+
+    Raises:
+        KeyError: no table of that name in the module.
+        ValueError: the shape differs from the table's.
+    """
+    suffix = f"embedding_bags.{table}.weight"
+    found = [value for name, value in module.state_dict(keep_vars=True).items() if name.endswith(suffix)]
+    if not found:
+        raise KeyError(f"no embedding table {table!r} in the model")
+    target = found[0]
+    if tuple(target.shape) != tuple(weights.shape):
+        raise ValueError(f"table {table!r} has shape {tuple(target.shape)}, got weights {tuple(weights.shape)}")
+    if isinstance(target, ShardedTensor):
+        for shard in target.local_shards():
+            (row, col), (rows, cols) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+            shard.tensor.copy_(weights[row : row + rows, col : col + cols])
+    else:
+        target.copy_(weights)
+
+
+def read_table(module: nn.Module, table: str) -> Tensor:
+    """This rank's rows of table `table`, as a dense tensor (the whole table when it is not sharded across ranks)."""
+    suffix = f"embedding_bags.{table}.weight"
+    value = next(v for name, v in module.state_dict().items() if name.endswith(suffix))
+    if isinstance(value, ShardedTensor):
+        shards = value.local_shards()
+        return torch.cat([s.tensor for s in shards]) if len(shards) > 1 else shards[0].tensor.clone()
+    return value.detach().clone()

@@ -1,0 +1,112 @@
+"""Shared-bottom, MMoE and PLE as one module: levels of stacked experts mixed by per-task softmax gates.
+
+- shared_bottom: one level, one shared expert (every gate is trivially 1).
+- mmoe: one level of E shared experts, one gate per task over all of them.
+- ple: L levels (CGC) of shared experts and task-specific experts; task t's gate mixes its own and the shared experts,
+  and below the last level a shared gate mixes all of them for the next level's shared experts.
+
+All experts of a level are computed together (weights stacked as [E, in, out], one batched matmul per layer).
+"""
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from recsys_mtl.config import ModelConfig
+
+
+class ExpertStack(nn.Module):
+    """E MLP experts with stacked weights. forward: [B, D_in] (one input) or [B, E, D_in] -> [B, E, D_exp]."""
+
+    def __init__(self, num_experts: int, in_dim: int, dims: tuple[int, ...], dropout: float = 0.0) -> None:
+        super().__init__()
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for d_in, d_out in zip((in_dim, *dims[:-1]), dims, strict=True):
+            bound = 1 / math.sqrt(d_in)  # nn.Linear's default initialisation, expert by expert
+            self.weights.append(nn.Parameter(torch.empty(num_experts, d_in, d_out).uniform_(-bound, bound)))
+            self.biases.append(nn.Parameter(torch.empty(num_experts, d_out).uniform_(-bound, bound)))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        hidden = x
+        for weight, bias in zip(self.weights, self.biases, strict=True):
+            if hidden.dim() == 2:
+                hidden = torch.einsum("bi,eio->beo", hidden, weight)  # [B, E, D_h], all experts in one matmul
+            else:
+                hidden = torch.einsum("bei,eio->beo", hidden, weight)  # [B, E, D_h]
+            hidden = self.dropout(torch.relu(hidden + bias))
+        return hidden
+
+
+class MixtureLevel(nn.Module):
+    """One level: experts plus G softmax gates (T task gates, and a shared gate if `shared_gate`).
+
+    Expert order: the `num_shared` shared experts, then `num_task_experts` per task in task order.
+    """
+
+    def __init__(
+        self, in_dim: int, num_tasks: int, num_shared: int, num_task_experts: int, cfg: ModelConfig, shared_gate: bool
+    ) -> None:
+        super().__init__()
+        num_experts = num_shared + num_tasks * num_task_experts
+        num_gates = num_tasks + int(shared_gate)
+        owner = [num_tasks] * num_shared + [t for t in range(num_tasks) for _ in range(num_task_experts)]
+        mask = torch.zeros(num_gates, num_experts, dtype=torch.bool)
+        for gate in range(num_gates):
+            mask[gate] = torch.tensor([o == gate or o == num_tasks or gate == num_tasks for o in owner])
+        self.register_buffer("gate_mask", mask, persistent=False)  # [G, E]
+        self.register_buffer("owner", torch.tensor(owner), persistent=False)  # [E] input row of each expert
+        self.experts = ExpertStack(num_experts, in_dim, cfg.expert_dims, cfg.dropout)
+        self.gates = nn.Parameter(torch.randn(num_gates, in_dim, num_experts) * 0.01)
+        self.num_gates = num_gates
+
+    def forward(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
+        """Mix the experts.
+
+        Args:
+            inputs: [B, 1, D_in] (every expert and gate reads the same input) or [B, T + 1, D_in] (row t feeds
+                task t's experts and gate, the last row the shared experts and the shared gate).
+
+        Returns:
+            ([B, G, D_exp] one mixture per gate, [B, G, E] gate weights, zero outside each gate's experts).
+        """
+        if inputs.shape[1] == 1:
+            expert_out = self.experts(inputs[:, 0])  # [B, E, D_exp]
+            logits = torch.einsum("bi,gie->bge", inputs[:, 0], self.gates)  # [B, G, E]
+        else:
+            expert_out = self.experts(inputs[:, self.owner])  # [B, E, D_exp]
+            logits = torch.einsum("bgi,gie->bge", inputs[:, : self.num_gates], self.gates)  # [B, G, E]
+        gate_weights = logits.masked_fill(~self.gate_mask, float("-inf")).softmax(-1)  # [B, G, E]
+        return torch.einsum("bge,bed->bgd", gate_weights, expert_out), gate_weights  # [B, G, D_exp]
+
+
+class Mixture(nn.Module):
+    """The configured mixture. forward: x [B, D_in] -> ([B, T, D_exp] one input per tower, [B, T, E] gate weights)."""
+
+    def __init__(self, in_dim: int, num_tasks: int, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.arch == "shared_bottom":
+            shape = [(1, 0)]
+        elif cfg.arch == "mmoe":
+            shape = [(cfg.num_experts, 0)]
+        else:
+            shape = [(cfg.num_experts, cfg.num_task_experts)] * cfg.num_levels
+        self.levels = nn.ModuleList(
+            MixtureLevel(
+                in_dim if i == 0 else cfg.expert_dims[-1], num_tasks, shared, task, cfg, shared_gate=i < len(shape) - 1
+            )
+            for i, (shared, task) in enumerate(shape)
+        )
+        self.num_tasks = num_tasks
+        self.expert_names = [f"shared{i}" for i in range(shape[-1][0])] + [
+            f"task{t}.{i}" for t in range(num_tasks) for i in range(shape[-1][1])
+        ]
+        self.out_dim = cfg.expert_dims[-1]
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        hidden = x.unsqueeze(1)  # [B, 1, D_in]
+        for level in self.levels:
+            hidden, gate_weights = level(hidden)  # [B, G, D_exp], [B, G, E]
+        return hidden[:, : self.num_tasks], gate_weights[:, : self.num_tasks]

@@ -1,0 +1,101 @@
+"""MultiTaskRanker: embeddings + text + dense -> mixture of experts -> one tower per task."""
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from recsys_mtl.config import Config
+from recsys_mtl.data.batch import Batch
+from recsys_mtl.data.schema import Schema
+from recsys_mtl.model.embeddings import build_ebc, build_text_ebc
+from recsys_mtl.model.experts import Mixture
+from recsys_mtl.model.towers import TaskTower
+from recsys_mtl.text import TextFinetuner
+
+
+@dataclass
+class RankerOutput:
+    """logits: task -> [B] (see losses.predict for what each stands for); gate_weights: [B, T, E]."""
+
+    logits: dict[str, Tensor]
+    gate_weights: Tensor
+
+
+def _mlp(in_dim: int, dims: tuple[int, ...]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for d_in, d_out in zip((in_dim, *dims), dims, strict=False):
+        layers += [nn.Linear(d_in, d_out), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+class MultiTaskRanker(nn.Module):
+    """Batch -> RankerOutput.
+
+    Sparse features go through `ebc` (trainable, fused optimizer); text features through frozen tables of precomputed
+    BERT vectors (`text_ebc`, detached) or a fine-tuned BERT (`text_finetuner`), then a trainable projection each;
+    dense features through a small MLP. Their concatenation [B, D_in] feeds the mixture, whose T outputs feed the towers.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        schema: Schema,
+        text_dims: dict[str, int],
+        texts: dict[str, list[str]] | None = None,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        self.task_names = cfg.task_names
+        self.num_sparse = len(schema.sparse_features)
+        self.ebc = build_ebc(schema, device or torch.device("meta"))
+        self.text_names = [t.name for t in schema.texts] if cfg.model.text_dim > 0 else []
+        self.text_ebc = None
+        self.text_finetuner = None
+        if self.text_names and cfg.text.finetune_layers > 0:
+            self.text_finetuner = TextFinetuner(cfg.text, texts or {})
+            text_dims = dict.fromkeys(self.text_names, self.text_finetuner.dim)
+        elif self.text_names:
+            self.text_ebc = build_text_ebc(schema, text_dims, device or torch.device("meta"))
+        self.text_projections = nn.ModuleDict(
+            {name: nn.Linear(text_dims[name], cfg.model.text_dim) for name in self.text_names}
+        )
+        self.dense_mlp = _mlp(len(schema.dense_features), cfg.model.dense_dims) if schema.dense_features else None
+        in_dim = sum(schema.table(f.table).embedding_dim for f in schema.sparse_features)
+        in_dim += cfg.model.text_dim * len(self.text_names)
+        in_dim += cfg.model.dense_dims[-1] if schema.dense_features and cfg.model.dense_dims else len(schema.dense_features)
+        self.mixture = Mixture(in_dim, len(cfg.tasks), cfg.model)
+        self.towers = nn.ModuleDict(
+            {t: TaskTower(self.mixture.out_dim, cfg.model.tower_dims, cfg.model.dropout) for t in self.task_names}
+        )
+
+    def text_features(self, batch: Batch) -> list[Tensor]:
+        """Projected text vectors, one [B, text_dim] per text feature."""
+        if not self.text_names:
+            return []
+        text_kjt = batch.sparse.split([self.num_sparse, len(batch.sparse.keys()) - self.num_sparse])[1]
+        if self.text_finetuner is not None:
+            ids = {name: jt.values() for name, jt in text_kjt.to_dict().items()}
+            vectors = self.text_finetuner(ids)
+        else:
+            vectors = self.text_ebc(text_kjt).to_dict()  # [B, D_text] each; frozen: no gradient flows back
+            vectors = {name: v.detach() for name, v in vectors.items()}
+        return [self.text_projections[name](vectors[name]) for name in self.text_names]
+
+    def forward(self, batch: Batch) -> RankerOutput:
+        sparse_kjt = batch.sparse.split([self.num_sparse, len(batch.sparse.keys()) - self.num_sparse])[0]
+        parts = [self.ebc(sparse_kjt).values(), *self.text_features(batch)]  # [B, F * D_emb], T_text x [B, D]
+        if self.dense_mlp is not None:
+            parts.append(self.dense_mlp(batch.dense))  # [B, D_dense]
+        features = torch.cat(parts, dim=1)  # [B, D_in]
+        task_inputs, gate_weights = self.mixture(features)  # [B, T, D_exp], [B, T, E]
+        logits = {t: self.towers[t](task_inputs[:, i]) for i, t in enumerate(self.task_names)}
+        return RankerOutput(logits=logits, gate_weights=gate_weights)
+
+    def tower_weights(self) -> list[Tensor]:
+        return [w for tower in self.towers.values() for w in tower.weight_matrices()]
+
+    def shared_parameters(self) -> list[Tensor]:
+        """The last shared layer (GradNorm measures each task's gradient there)."""
+        experts = self.mixture.levels[-1].experts
+        return [experts.weights[-1]]
