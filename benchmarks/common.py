@@ -33,7 +33,7 @@ def print_table(rows: list[dict], title: str) -> None:
 
 def _fmt(value: object) -> str:
     if isinstance(value, float):
-        return f"{value:,.2f}" if value < 1000 else f"{value:,.0f}"
+        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.2f}" if abs(value) >= 10 else f"{value:.5g}"
     if isinstance(value, int):
         return f"{value:,}"
     return str(value)

@@ -35,8 +35,21 @@ def _prepare(args: argparse.Namespace) -> None:
     )
 
 
+def _encode_text(args: argparse.Namespace) -> None:
+    import torch
+
+    from recsys_mtl.config import TextConfig
+    from recsys_mtl.text import encode_dataset
+
+    cfg = TextConfig(model=args.model, batch_size=args.batch_size, max_length=args.max_length, dtype=args.dtype)
+    encoded = encode_dataset(args.dataset, cfg, torch.device(args.device), progress=not args.quiet)
+    done = ", ".join(f"{name}: {n:,} new" for name, n in encoded.items()) or "no text features"
+    print(f"encoded texts of {args.dataset} with {cfg.model} ({cfg.dtype}): {done}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from data_prep.synth import WorldConfig
+    from recsys_mtl.config import TextConfig
 
     parser = argparse.ArgumentParser(
         prog="recsys-mtl",
@@ -82,6 +95,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prep.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     prep.set_defaults(func=_prepare)
+
+    text_defaults = TextConfig()
+    enc = sub.add_parser(
+        "encode-text",
+        help="encode every distinct text of a prepared dataset once with a local BERT",
+        description="Write DATASET/text_emb/<name>.parquet: one mean-pooled vector per text, keyed by id, with the "
+        "model and a hash of the text. Texts already encoded by the same model are skipped.",
+    )
+    enc.add_argument("dataset", type=Path, help="prepared dataset folder")
+    enc.add_argument(
+        "--model", default=text_defaults.model, help="packaged all-MiniLM-L6-v2 or a local folder (%(default)s)"
+    )
+    enc.add_argument("--batch-size", type=int, default=text_defaults.batch_size, help="texts per batch (%(default)s)")
+    enc.add_argument("--max-length", type=int, default=text_defaults.max_length, help="tokens per text (%(default)s)")
+    enc.add_argument("--dtype", choices=["float32", "bfloat16"], default=text_defaults.dtype, help="(%(default)s)")
+    enc.add_argument("--device", default="cpu", help="cpu or cuda (%(default)s)")
+    enc.add_argument("--quiet", action="store_true", help="no progress bar")
+    enc.set_defaults(func=_encode_text)
     return parser
 
 

@@ -64,7 +64,10 @@ def _constraints(model: MultiTaskRanker) -> dict[str, ParameterConstraints]:
     names = [c.name for c in model.ebc.embedding_bag_configs()]
     if model.text_ebc is not None:
         names += [c.name for c in model.text_ebc.embedding_bag_configs()]
-    return {name: ParameterConstraints(sharding_types=[ShardingType.TABLE_WISE.value], compute_kernels=fused) for name in names}
+    return {
+        name: ParameterConstraints(sharding_types=[ShardingType.TABLE_WISE.value], compute_kernels=fused)
+        for name in names
+    }
 
 
 def shard_model(model: MultiTaskRanker, cfg: Config, device: torch.device) -> ShardedRanker:

@@ -17,7 +17,7 @@ def auc(labels: Tensor, scores: Tensor) -> float:
     ranks = torch.empty_like(scores)
     ranks[order] = torch.arange(1, scores.numel() + 1, dtype=torch.float64)
     # average ranks over ties
-    unique, inverse, counts = torch.unique_consecutive(sorted_scores, return_inverse=True, return_counts=True)
+    _, inverse, counts = torch.unique_consecutive(sorted_scores, return_inverse=True, return_counts=True)
     ends = torch.cumsum(counts, 0).double()
     mean_rank = ends - (counts.double() - 1) / 2
     ranks[order] = mean_rank[inverse]

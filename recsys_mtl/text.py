@@ -106,7 +106,9 @@ def encode_dataset(folder: Path, cfg: TextConfig, device: torch.device, progress
         known = pl.DataFrame(schema={"key": table["key"].dtype, "hash": pl.String, "vector": pl.List(pl.Float32)})
         if path.is_file():
             stored = pl.read_parquet(path)
-            known = stored.filter(pl.col("model") == identity).select("key", "hash", pl.col("vector").cast(pl.List(pl.Float32)))
+            known = stored.filter(pl.col("model") == identity).select(
+                "key", "hash", pl.col("vector").cast(pl.List(pl.Float32))
+            )
         merged = table.join(known, on=["key", "hash"], how="left", maintain_order="left")
         todo = merged.filter(pl.col("vector").is_null())
         if todo.height:
@@ -168,7 +170,9 @@ class TextFinetuner(nn.Module):
                 param.requires_grad_(True)
         self.names = list(texts)
         for name, rows in texts.items():
-            tokens = tokenizer(rows, padding="max_length", truncation=True, max_length=cfg.max_length, return_tensors="pt")
+            tokens = tokenizer(
+                rows, padding="max_length", truncation=True, max_length=cfg.max_length, return_tensors="pt"
+            )
             self.register_buffer(f"tokens_{name}", tokens["input_ids"], persistent=False)  # [N, L]
             self.register_buffer(f"mask_{name}", tokens["attention_mask"], persistent=False)  # [N, L]
         self.dim = self.bert.config.hidden_size

@@ -1,4 +1,4 @@
-"""Training: build the sharded model, its optimizers and the multi-task loss; one step = one scalar loss, one backward."""
+"""Training: the sharded model, its optimizers and the multi-task loss; a step is one scalar loss, one backward."""
 
 import logging
 from dataclasses import dataclass
@@ -53,7 +53,9 @@ def build_trainer(cfg: Config, dataset: Dataset, device: torch.device) -> Traine
     for name, table in vectors.items():
         write_table(sharded.model, TEXT_TABLE_PREFIX + name, table.to(device))
     loss = MultiTaskLoss(cfg, specs).to(device)
-    loss_optimizer = torch.optim.Adam(loss.parameters(), lr=cfg.optim.lr) if cfg.loss.weighting == "uncertainty" else None
+    loss_optimizer = (
+        torch.optim.Adam(loss.parameters(), lr=cfg.optim.lr) if cfg.loss.weighting == "uncertainty" else None
+    )
     return Trainer(cfg, specs, sharded, loss, loss_optimizer, device)
 
 
@@ -83,7 +85,10 @@ def train_step(trainer: Trainer, batch: Batch, step: int) -> dict[str, float]:
     trainer.sharded.dense_optimizer.step()
     if trainer.loss_optimizer is not None:
         trainer.loss_optimizer.step()
-    return {"loss": total.item(), **{f"{s.name}/loss": v.item() for s, v in zip(trainer.specs, task_means, strict=True)}}
+    return {
+        "loss": total.item(),
+        **{f"{s.name}/loss": v.item() for s, v in zip(trainer.specs, task_means, strict=True)},
+    }
 
 
 def _task_grad_norms(trainer: Trainer, task_means: Tensor) -> Tensor:

@@ -46,7 +46,7 @@ def make_tiny_bert(folder: Path) -> Path:
 
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *letters, *(f"##{c}" for c in letters), *"0123456789"]
-    vocab += list(".,:;!?'-()%&/") + ["the", "on", "to", "of", "in", "and", "for", "shoes", "dress", "guide", "video"]
+    vocab += [*".,:;!?'-()%&/", "the", "on", "to", "of", "in", "and", "for", "shoes", "dress", "guide", "video"]
     vocab = vocab[:99]
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")

@@ -55,7 +55,7 @@ class MixtureLevel(nn.Module):
         owner = [num_tasks] * num_shared + [t for t in range(num_tasks) for _ in range(num_task_experts)]
         mask = torch.zeros(num_gates, num_experts, dtype=torch.bool)
         for gate in range(num_gates):
-            mask[gate] = torch.tensor([o == gate or o == num_tasks or gate == num_tasks for o in owner])
+            mask[gate] = torch.tensor([o in (gate, num_tasks) or gate == num_tasks for o in owner])
         self.register_buffer("gate_mask", mask, persistent=False)  # [G, E]
         self.register_buffer("owner", torch.tensor(owner), persistent=False)  # [E] input row of each expert
         self.experts = ExpertStack(num_experts, in_dim, cfg.expert_dims, cfg.dropout)

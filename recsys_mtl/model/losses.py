@@ -178,10 +178,9 @@ class MultiTaskLoss(nn.Module):
         counts = torch.stack([used[s.name].sum() for s in self.specs]).clamp(min=1)  # [T]
         task_means = per_row.sum(1) / counts  # [T]
         weights = self.weights() * active  # [T]
-        if self.reduction == "task":
-            total = (weights * task_means).sum()
-        else:
-            total = (weights[:, None] * per_row).sum(0).mean()
+        per_task = weights * task_means  # task level: mean per task, then the weighted sum
+        per_sample = (weights[:, None] * per_row).sum(0)  # sample level: weighted sum over a row's tasks ...
+        total = per_task.sum() if self.reduction == "task" else per_sample.mean()  # ... then the mean over rows
         if self.weighting == "uncertainty":
             total = total + (self.log_vars * active).sum() / 2
         return total, task_means

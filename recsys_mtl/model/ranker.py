@@ -34,7 +34,7 @@ class MultiTaskRanker(nn.Module):
 
     Sparse features go through `ebc` (trainable, fused optimizer); text features through frozen tables of precomputed
     BERT vectors (`text_ebc`, detached) or a fine-tuned BERT (`text_finetuner`), then a trainable projection each;
-    dense features through a small MLP. Their concatenation [B, D_in] feeds the mixture, whose T outputs feed the towers.
+    dense features through a small MLP. Their concatenation [B, D_in] feeds the mixture; its T outputs feed the towers.
     """
 
     def __init__(
@@ -63,7 +63,9 @@ class MultiTaskRanker(nn.Module):
         self.dense_mlp = _mlp(len(schema.dense_features), cfg.model.dense_dims) if schema.dense_features else None
         in_dim = sum(schema.table(f.table).embedding_dim for f in schema.sparse_features)
         in_dim += cfg.model.text_dim * len(self.text_names)
-        in_dim += cfg.model.dense_dims[-1] if schema.dense_features and cfg.model.dense_dims else len(schema.dense_features)
+        in_dim += (
+            cfg.model.dense_dims[-1] if schema.dense_features and cfg.model.dense_dims else len(schema.dense_features)
+        )
         self.mixture = Mixture(in_dim, len(cfg.tasks), cfg.model)
         self.towers = nn.ModuleDict(
             {t: TaskTower(self.mixture.out_dim, cfg.model.tower_dims, cfg.model.dropout) for t in self.task_names}

@@ -1,0 +1,61 @@
+"""Text encoding throughput (texts/s) with the packaged all-MiniLM-L6-v2: fp32 vs bf16 weights vs dynamic int8,
+and each variant's cosine agreement with fp32.
+
+    python benchmarks/bench_text.py [--num-texts 2000] [--device cpu|cuda]
+"""
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import polars as pl
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import best_of, print_table, write_results
+
+from data_prep.synth import WorldConfig, generate_world
+from recsys_mtl.config import TextConfig
+from recsys_mtl.text import TextEncoder
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num-texts", type=int, default=2000)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = generate_world(Path(tmp) / "raw", WorldConfig(impressions=1000, items=args.num_texts), progress=False)
+        texts = pl.read_parquet(raw / "items.parquet")["title"].to_list()[: args.num_texts]
+    rows, reference = [], None
+    for variant in ("float32", "bfloat16", "int8-dynamic"):
+        if variant == "int8-dynamic" and device.type != "cpu":
+            continue
+        dtype = "float32" if variant == "int8-dynamic" else variant
+        encoder = TextEncoder(TextConfig(dtype=dtype, batch_size=args.batch_size), device)
+        if variant == "int8-dynamic":
+            encoder.model = torch.ao.quantization.quantize_dynamic(encoder.model, {torch.nn.Linear}, dtype=torch.qint8)
+        vectors = encoder.encode(texts)
+        seconds = best_of(lambda encoder=encoder: encoder.encode(texts), 2)
+        reference = vectors if reference is None else reference
+        cosine = torch.nn.functional.cosine_similarity(vectors, reference, dim=1)
+        rows.append(
+            {
+                "variant": variant,
+                "texts_per_s": len(texts) / seconds,
+                "cosine_min": round(cosine.min().item(), 5),
+                "cosine_mean": round(cosine.mean().item(), 5),
+            }
+        )
+        print(rows[-1], flush=True)
+    for r in rows:
+        r["speedup"] = r["texts_per_s"] / rows[0]["texts_per_s"]
+    print_table(rows, f"text encoding, all-MiniLM-L6-v2, {len(texts)} titles, batch {args.batch_size}, {device}")
+    write_results(f"text_{device.type}", rows, command="python benchmarks/bench_text.py " + " ".join(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()
