@@ -1,4 +1,4 @@
-"""The run configuration: one frozen Config per run, loaded from TOML, then `--set key=value` overrides, then checked."""
+"""The run configuration: one frozen Config per run, from TOML, then `--set key=value` overrides, then checked."""
 
 import tomllib
 from dataclasses import dataclass, field
