@@ -46,6 +46,7 @@ class ModelConfig:
     tower_dims: tuple[int, ...] = (32,)
     dense_dims: tuple[int, ...] = (16,)
     text_dim: int = 32  # width of each text projection; 0 disables the text branch
+    cross_layers: int = 2  # DCN-v2 cross layers on the concatenated features before the mixture; 0: none
     dropout: float = 0.0
 
     def __post_init__(self) -> None:

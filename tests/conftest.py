@@ -1,4 +1,5 @@
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,8 @@ import torch
 from data_prep.description import load_description
 from data_prep.prepare import prepare
 from data_prep.synth import WorldConfig, generate_world
+from recsys_mtl.config import Config
+from recsys_mtl.structs import from_mapping
 
 REPO = Path(__file__).resolve().parents[1]
 # the project's small real datasets live beside the checkout (../shared/data); a clone elsewhere can point at them
@@ -62,3 +65,29 @@ def make_tiny_bert(folder: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_bert(tmp_path_factory.mktemp("bert") / "tiny-bert")
+
+
+@pytest.fixture(scope="session")
+def text_dataset(tiny_dataset: Path, tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny dataset with its titles and ad texts encoded by the tiny BERT."""
+    from recsys_mtl.config import TextConfig
+    from recsys_mtl.text import encode_dataset
+
+    out = Path(shutil.copytree(tiny_dataset, tmp_path_factory.mktemp("text") / "synthetic"))
+    encode_dataset(out, TextConfig(model=str(tiny_bert)), torch.device("cpu"), progress=False)
+    return out
+
+
+def tiny_config(dataset: Path, bert: Path, **sections: dict | list) -> Config:
+    """A small config for the tiny world: all four tasks (cvr ESMM after ctr), small experts and towers."""
+
+    data = {
+        "dataset": str(dataset),
+        "tasks": [{"name": "ctr"}, {"name": "cvr", "after": "ctr"}, {"name": "rating"}, {"name": "reads"}],
+        "model": {"expert_dims": [32, 16], "tower_dims": [8], "dense_dims": [8], "text_dim": 8, "num_experts": 3},
+        "text": {"model": str(bert)},
+        "train": {"batch_size": 512},
+    }
+    for section, values in sections.items():
+        data[section] = values if section == "tasks" else {**data.get(section, {}), **values}
+    return from_mapping(Config, data, "tiny_config")

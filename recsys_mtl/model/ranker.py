@@ -10,6 +10,7 @@ from recsys_mtl.data.batch import Batch
 from recsys_mtl.data.schema import Schema
 from recsys_mtl.model.embeddings import build_ebc, build_text_ebc
 from recsys_mtl.model.experts import Mixture
+from recsys_mtl.model.interaction import CrossNet
 from recsys_mtl.model.towers import TaskTower
 from recsys_mtl.text import TextFinetuner
 
@@ -66,6 +67,7 @@ class MultiTaskRanker(nn.Module):
         in_dim += (
             cfg.model.dense_dims[-1] if schema.dense_features and cfg.model.dense_dims else len(schema.dense_features)
         )
+        self.cross = CrossNet(in_dim, cfg.model.cross_layers) if cfg.model.cross_layers else nn.Identity()
         self.mixture = Mixture(in_dim, len(cfg.tasks), cfg.model)
         self.towers = nn.ModuleDict(
             {t: TaskTower(self.mixture.out_dim, cfg.model.tower_dims, cfg.model.dropout) for t in self.task_names}
@@ -90,7 +92,7 @@ class MultiTaskRanker(nn.Module):
         if self.dense_mlp is not None:
             parts.append(self.dense_mlp(batch.dense))  # [B, D_dense]
         features = torch.cat(parts, dim=1)  # [B, D_in]
-        task_inputs, gate_weights = self.mixture(features)  # [B, T, D_exp], [B, T, E]
+        task_inputs, gate_weights = self.mixture(self.cross(features))  # [B, T, D_exp], [B, T, E]
         logits = {t: self.towers[t](task_inputs[:, i]) for i, t in enumerate(self.task_names)}
         return RankerOutput(logits=logits, gate_weights=gate_weights)
 

@@ -1,0 +1,19 @@
+"""Explicit feature crosses (DCN-v2) before the mixture: an MLP alone learns products such as user x item poorly."""
+
+from torch import Tensor, nn
+
+
+class CrossNet(nn.Module):
+    """x_{l+1} = x_0 * (W_l x_l + b_l) + x_l (Wang et al., DCN-v2). forward: [B, D_in] -> [B, D_in]."""
+
+    def __init__(self, dim: int, num_layers: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(dim, dim) for _ in range(num_layers))
+        for layer in self.layers:
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x0: Tensor) -> Tensor:
+        x = x0
+        for layer in self.layers:
+            x = x0 * layer(x) + x  # [B, D_in]
+        return x

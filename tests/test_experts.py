@@ -1,0 +1,62 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from recsys_mtl.config import ModelConfig
+from recsys_mtl.model.experts import ExpertStack, Mixture
+
+NUM_TASKS, IN_DIM, BATCH = 3, 12, 8
+
+
+def _mixture(arch: str) -> Mixture:
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch=arch, num_experts=4, num_task_experts=2, num_levels=2, expert_dims=(16, 6))
+    return Mixture(IN_DIM, NUM_TASKS, cfg)
+
+
+@pytest.mark.parametrize(("arch", "num_experts"), [("shared_bottom", 1), ("mmoe", 4), ("ple", 4 + NUM_TASKS * 2)])
+def test_mixture_shapes_and_gates_sum_to_one(arch: str, num_experts: int) -> None:
+    task_inputs, gates = _mixture(arch)(torch.randn(BATCH, IN_DIM))
+    assert task_inputs.shape == (BATCH, NUM_TASKS, 6)
+    assert gates.shape == (BATCH, NUM_TASKS, num_experts)
+    torch.testing.assert_close(gates.sum(-1), torch.ones(BATCH, NUM_TASKS))
+    assert (gates >= 0).all()
+
+
+def test_ple_task_gates_ignore_other_tasks_experts() -> None:
+    _, gates = _mixture("ple")(torch.randn(BATCH, IN_DIM))  # experts: 4 shared, then 2 per task
+    for task in range(NUM_TASKS):
+        own = [*range(4), 4 + 2 * task, 5 + 2 * task]
+        others = [e for e in range(4 + 2 * NUM_TASKS) if e not in own]
+        assert (gates[:, task, others] == 0).all()
+        assert (gates[:, task, own] > 0).all()
+
+
+@pytest.mark.parametrize("per_expert_input", [False, True])
+def test_stacked_experts_equal_a_loop_over_experts(per_expert_input: bool) -> None:
+    torch.manual_seed(1)
+    stack = ExpertStack(num_experts=5, in_dim=7, dims=(11, 3))
+    x = torch.randn(BATCH, 5, 7) if per_expert_input else torch.randn(BATCH, 7)
+    looped = []
+    for e in range(5):
+        hidden = x[:, e] if per_expert_input else x
+        for weight, bias in zip(stack.weights, stack.biases, strict=True):
+            hidden = torch.relu(F.linear(hidden, weight[e].T, bias[e]))
+        looped.append(hidden)
+    torch.testing.assert_close(stack(x), torch.stack(looped, dim=1))
+
+
+def test_mmoe_equals_gate_weighted_sum_of_its_experts() -> None:
+    mixture = _mixture("mmoe")
+    x = torch.randn(BATCH, IN_DIM)
+    level = mixture.levels[0]
+    expert_out = level.experts(x)  # [B, E, D]
+    gates = torch.softmax(torch.einsum("bi,gie->bge", x, level.gates), -1)
+    expected = torch.stack([(gates[:, t, :, None] * expert_out).sum(1) for t in range(NUM_TASKS)], dim=1)
+    torch.testing.assert_close(mixture(x)[0], expected)
+
+
+def test_shared_bottom_gives_every_task_the_same_input() -> None:
+    task_inputs, gates = _mixture("shared_bottom")(torch.randn(BATCH, IN_DIM))
+    assert (gates == 1).all()
+    torch.testing.assert_close(task_inputs[:, 0], task_inputs[:, 2])
