@@ -66,12 +66,12 @@ def test_missing_or_foreign_vectors_are_refused(dataset: Path, tiny_bert: Path) 
     with pytest.raises(FileNotFoundError, match=r"run `recsys-mtl encode-text"):
         load_text_vectors(dataset, schema, TextConfig(model=str(tiny_bert)))
     encode_dataset(dataset, TextConfig(model=str(tiny_bert)), CPU, progress=False)
-    with pytest.raises(ValueError, match="expected .* from 'all-MiniLM-L6-v2@float32'"):
+    with pytest.raises(ValueError, match=r"expected .* from 'all-MiniLM-L6-v2@float32'"):
         load_text_vectors(dataset, schema, TextConfig())
 
 
 def test_unknown_model_folder_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, X):
+    with pytest.raises(FileNotFoundError, match=r"not 'all-MiniLM-L6-v2' and not a folder with config\.json"):
         resolve_model(str(tmp_path))
 
 
