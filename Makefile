@@ -50,10 +50,12 @@ typecheck: $(STAMP) ## mypy (optional)
 demo: $(STAMP) ## the main job on the default synthetic world (CPU)
 	$(BIN)/recsys-mtl synth --out $(DEMO_DIR)/raw --overwrite
 	$(BIN)/recsys-mtl prepare $(DEMO_DIR)/raw --out $(DEMO_DIR)/dataset --overwrite
+	$(BIN)/recsys-mtl encode-text $(DEMO_DIR)/dataset
 
 bench: $(STAMP) ## benchmarks (DEVICE=cpu|cuda); tables printed, json under benchmarks/results/
 	$(BIN)/python benchmarks/bench_synth.py --device $(DEVICE)
 	$(BIN)/python benchmarks/bench_reader.py --device $(DEVICE)
+	$(BIN)/python benchmarks/bench_text.py --device $(DEVICE)
 
 clean: ## remove build outputs and demo data (keeps .venv)
 	rm -rf $(DEMO_DIR) .pytest_cache .ruff_cache build *.egg-info

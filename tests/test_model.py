@@ -107,3 +107,33 @@ def test_bert_finetuning_trains_only_its_last_layers(text_dataset: Path, tiny_be
     assert all(p.grad is None for p in bert.encoder.layer[0].parameters())
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in bert.encoder.layer[1].attention.parameters())
     assert trainer.sharded.module.text_ebc is None
+
+
+@pytest.mark.parametrize(
+    "tasks",
+    [[{"name": "ctr"}], [{"name": "rating"}], [{"name": "ctr"}, {"name": "cvr", "after": "ctr", "esmm": False}]],
+)
+def test_any_subset_of_tasks_trains(text_dataset: Path, tiny_bert: Path, tasks: list[dict]) -> None:
+    trainer, dataset = _trainer(text_dataset, tiny_bert, tasks=tasks)
+    metrics = train_step(trainer, _batch(dataset), step=0)
+    assert sorted(metrics) == sorted(["loss", *(f"{t['name']}/loss" for t in tasks)])
+    assert torch.isfinite(torch.tensor(list(metrics.values()))).all()
+
+
+def test_gradnorm_moves_task_weights_and_keeps_their_sum(text_dataset: Path, tiny_bert: Path) -> None:
+    trainer, dataset = _trainer(text_dataset, tiny_bert, loss={"weighting": "gradnorm"})
+    for step, batch in enumerate(read_batches(dataset, "train", 512)):
+        train_step(trainer, batch, step)
+        if step == 4:
+            break
+    weights = trainer.loss.gradnorm_weights
+    assert weights.sum().item() == pytest.approx(4.0)
+    assert not torch.allclose(weights, torch.ones(4))
+
+
+def test_bf16_autocast_step_keeps_fp32_losses(text_dataset: Path, tiny_bert: Path) -> None:
+    trainer, dataset = _trainer(text_dataset, tiny_bert, train={"bf16": True}, loss={"reduction": "sample"})
+    batch = _batch(dataset, 256)
+    metrics = train_step(trainer, batch, step=0)
+    assert torch.isfinite(torch.tensor(metrics["loss"]))
+    assert all(v.dtype == torch.float32 for v in predict_batch(trainer, batch).values())
