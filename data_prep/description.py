@@ -106,6 +106,15 @@ class SplitDesc:
 
 
 @dataclass(frozen=True)
+class OracleDesc:
+    """Ground truth per row, for sources that have one: parquet files under RAW, their key, task -> column."""
+
+    path: str
+    key: str
+    columns: dict[str, str]
+
+
+@dataclass(frozen=True)
 class Description:
     name: str
     split: SplitDesc
@@ -121,6 +130,7 @@ class Description:
     rows_per_shard: int = 1_000_000
     row_group_size: int = 65_536
     csv_null_values: tuple[str, ...] = ()
+    oracle: OracleDesc | None = None
 
     def __post_init__(self) -> None:
         if not self.labels:
@@ -131,6 +141,8 @@ class Description:
         duplicated = sorted({n for n in names if names.count(n) > 1})
         if duplicated:
             raise ValueError(f"feature, text and label names must be unique; repeated: {duplicated}")
+        if self.oracle is not None and self.oracle.key not in self.keys:
+            raise ValueError(f"oracle.key {self.oracle.key!r} must be one of keys {list(self.keys)}")
         tasks = [label.task for label in self.labels]
         if len(set(tasks)) != len(tasks):
             raise ValueError(f"each task takes one label; tasks repeated in {tasks}")

@@ -18,6 +18,7 @@ from recsys_mtl.data.schema import (
     SPLITS,
     FeatureSpec,
     LabelSpec,
+    OracleSpec,
     Schema,
     SplitSpec,
     TableSpec,
@@ -84,11 +85,23 @@ def prepare(raw: Path, out: Path, desc: Description, overwrite: bool = False) ->
             ),
             keys=desc.keys,
             splits=splits,
+            oracle=_oracle(raw, desc),
         )
         schema.save(tmp)
         check_dataset(tmp, schema)
     log.info("prepared %s: %s", out, ", ".join(f"{s} {splits[s].num_rows:,} rows" for s in SPLITS))
     return schema
+
+
+def _oracle(raw: Path, desc: Description) -> OracleSpec | None:
+    if desc.oracle is None:
+        return None
+    files = _files(raw, desc.oracle.path)
+    names = pl.read_parquet_schema(files[0])
+    missing = [c for c in (desc.oracle.key, *desc.oracle.columns.values()) if c not in names]
+    if missing:
+        raise ValueError(f"{files[0]}: oracle column {missing[0]!r} is missing")
+    return OracleSpec(files=tuple(str(f.resolve()) for f in files), key=desc.oracle.key, columns=desc.oracle.columns)
 
 
 def _files(raw: Path, pattern: str) -> list[Path]:

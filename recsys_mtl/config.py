@@ -114,8 +114,15 @@ class TrainConfig:
     freeze: tuple[Freezable, ...] = ()
     bf16: bool = False  # autocast matmuls to bfloat16 (losses stay fp32)
     seed: int = 0
+    log_every: int = 50  # steps between training-loss log lines
+    eval_every: int = 0  # steps between validations; 0: at the end of every epoch
+    checkpoint_every: int = 0  # steps between checkpoints; 0: at every validation and at the end
+    early_stop_metric: str = ""  # e.g. "ctr/auc"; "": the first task's main metric
+    patience: int = 2  # validations without improvement before stopping
 
     def __post_init__(self) -> None:
+        if min(self.log_every, self.patience) < 1 or min(self.eval_every, self.checkpoint_every) < 0:
+            raise ValueError("train: log_every and patience must be >= 1, eval_every and checkpoint_every >= 0")
         if self.batch_size < 1 or self.epochs < 1 or self.max_steps < 0:
             raise ValueError(
                 f"train: batch_size >= 1, epochs >= 1, max_steps >= 0 expected, got "
@@ -132,6 +139,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    run_dir: str = ""  # where checkpoints, logs and reports go (`train --out` overrides)
 
     def __post_init__(self) -> None:
         names = [t.name for t in self.tasks]

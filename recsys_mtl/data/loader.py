@@ -109,6 +109,7 @@ def read_batches(
     epoch: int = 0,
     drop_last: bool = False,
     shuffle_window: int = 4,
+    start_batch: int = 0,
 ) -> Iterator[Batch]:
     """Stream `split` as Batches of `batch_size` rows (the last one smaller unless `drop_last`).
 
@@ -124,6 +125,7 @@ def read_batches(
         epoch: varies the permutation from one epoch to the next.
         drop_last: drop the final partial batch.
         shuffle_window: row groups mixed together when shuffling rows.
+        start_batch: skip this many batches first (resuming mid-epoch); they are read but not built.
 
     Raises:
         ValueError: bad batch_size, rank or world_size.
@@ -150,9 +152,12 @@ def read_batches(
             frame = pl.concat([pending, frame], rechunk=False)
         num_full = frame.height // batch_size * batch_size
         for offset in range(0, num_full, batch_size):
+            if start_batch > 0:
+                start_batch -= 1
+                continue
             yield build(frame.slice(offset, batch_size))
         pending = frame.slice(num_full) if num_full < frame.height else None
-    if pending is not None and not drop_last:
+    if pending is not None and not drop_last and start_batch == 0:
         yield build(pending)
 
 

@@ -90,6 +90,15 @@ class LabelSpec:
 
 
 @dataclass(frozen=True)
+class OracleSpec:
+    """A table of true probabilities / expectations per row (the synthetic world's), joined on key column `key`."""
+
+    files: tuple[str, ...]  # absolute parquet paths
+    key: str
+    columns: dict[str, str]  # task -> oracle column
+
+
+@dataclass(frozen=True)
 class SplitSpec:
     files: tuple[str, ...]
     num_rows: int
@@ -104,6 +113,7 @@ class Schema:
     texts: tuple[TextSpec, ...] = ()
     keys: tuple[str, ...] = ()
     splits: dict[str, SplitSpec] = field(default_factory=dict)
+    oracle: OracleSpec | None = None
     format_version: int = FORMAT_VERSION
     source: str = ""
 
