@@ -47,6 +47,48 @@ def _encode_text(args: argparse.Namespace) -> None:
     print(f"encoded texts of {args.dataset} with {cfg.model} ({cfg.dtype}): {done}")
 
 
+def _train(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    import torch
+
+    from recsys_mtl.config import load_config
+    from recsys_mtl.distributed import destroy_process_group
+    from recsys_mtl.train import train
+
+    cfg = load_config(args.config, args.set)
+    run_dir = args.out or (Path(cfg.run_dir) if cfg.run_dir else None)
+    if run_dir is None:
+        raise ValueError("give --out RUN_DIR or run_dir in the config")
+    cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
+    try:
+        result = train(cfg, run_dir, torch.device(args.device), resume=args.resume, progress=not args.quiet)
+    finally:
+        destroy_process_group()
+    best = ", ".join(f"{k} {v:.4f}" for k, v in result.best.items() if not k.startswith(("oracle/", "ratio/")))
+    print(f"trained {result.steps} steps into {run_dir}" + (" (stopped early)" if result.stopped_early else ""))
+    print(f"best validation: {best}")
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    import torch
+
+    from recsys_mtl.distributed import destroy_process_group
+    from recsys_mtl.evaluate import evaluate_run
+
+    try:
+        metrics = evaluate_run(args.run_dir, args.split, torch.device(args.device), tuple(args.baselines))
+    finally:
+        destroy_process_group()
+    print(f"{'metric':<28}{'model':>10}{'oracle':>10}{'ratio':>8}")
+    for name, value in metrics.items():
+        if not name.startswith(("oracle/", "ratio/")):
+            oracle, ratio = metrics.get(f"oracle/{name}"), metrics.get(f"ratio/{name}")
+            extra = f"{oracle:>10.4f}{ratio:>8.3f}" if oracle is not None and ratio is not None else ""
+            print(f"{name:<28}{value:>10.4f}{extra}")
+    print(f"wrote {args.run_dir / f'metrics_{args.split}.json'} and {args.run_dir / f'report_{args.split}.md'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from data_prep.synth import WorldConfig
     from recsys_mtl.config import TextConfig
@@ -113,6 +155,32 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--device", default="cpu", help="cpu or cuda (%(default)s)")
     enc.add_argument("--quiet", action="store_true", help="no progress bar")
     enc.set_defaults(func=_encode_text)
+
+    tr = sub.add_parser(
+        "train",
+        help="train a multi-task model (validation, early stopping, checkpoints, JSONL + TensorBoard metrics)",
+        description="Train the model a TOML config describes. The resolved config is saved in the run dir; "
+        "--resume continues a killed run from its last checkpoint.",
+    )
+    tr.add_argument("--config", type=Path, required=True, help="TOML config (see configs/)")
+    tr.add_argument("--out", type=Path, help="run dir (default: run_dir of the config)")
+    tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.epochs=3")
+    tr.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints/last")
+    tr.add_argument("--device", default="cpu", help="cpu or cuda (%(default)s)")
+    tr.add_argument("--quiet", action="store_true", help="no progress bar")
+    tr.set_defaults(func=_train)
+
+    ev = sub.add_parser(
+        "evaluate",
+        help="metrics of a trained run on a split, and its report",
+        description="Write RUN_DIR/metrics_SPLIT.json (<task>/<metric>, oracle/<task>/<metric> where the data has an "
+        "oracle) and RUN_DIR/report_SPLIT.md with its plots.",
+    )
+    ev.add_argument("run_dir", type=Path, help="a run dir written by train")
+    ev.add_argument("--split", default="test", choices=["train", "valid", "test"], help="(%(default)s)")
+    ev.add_argument("--baselines", type=Path, nargs="*", default=[], help="evaluated runs to compare with")
+    ev.add_argument("--device", default="cpu", help="cpu or cuda (%(default)s)")
+    ev.set_defaults(func=_evaluate)
     return parser
 
 

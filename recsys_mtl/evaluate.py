@@ -1,5 +1,6 @@
 """Evaluation: predict a whole split, then exact metrics for the model and, where the data has one, for the oracle."""
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -8,9 +9,14 @@ import polars as pl
 import torch
 from torch import Tensor
 
+from recsys_mtl.checkpoint import fingerprint, load_checkpoint, read_progress
+from recsys_mtl.config import load_config
 from recsys_mtl.data.loader import Dataset, read_batches
+from recsys_mtl.files import atomic_write_text
 from recsys_mtl.metrics import task_metrics
 from recsys_mtl.model.losses import TaskSpec, predict
+from recsys_mtl.report import write_report
+from recsys_mtl.trainer import Trainer, build_trainer
 
 CALIBRATION_BINS = 10
 
@@ -27,7 +33,7 @@ class SplitPredictions:
 
 
 @torch.no_grad()
-def predict_split(trainer, dataset: Dataset, split: str, batch_size: int = 8192) -> SplitPredictions:
+def predict_split(trainer: Trainer, dataset: Dataset, split: str, batch_size: int = 8192) -> SplitPredictions:
     """Run the model over `split` in eval mode and keep every prediction, label and key."""
     model = trainer.model
     model.eval()
@@ -66,13 +72,13 @@ def oracle_predictions(dataset: Dataset, keys: pl.DataFrame, specs: tuple[TaskSp
         s.name: torch.from_numpy(joined[oracle.columns[s.name]].fill_null(np.nan).to_numpy().copy()) for s in specs
     }
     for spec in specs:
-        if spec.after is not None:
+        if spec.after in values:
             values[f"{spec.name}_joint"] = values[spec.after] * values[spec.name]
     return values
 
 
-def split_metrics(trainer, dataset: Dataset, split: str) -> tuple[dict[str, float], SplitPredictions]:
-    """Model metrics on `split`, plus `oracle/<metric>` and `ratio/<metric>` (model / oracle) where there is an oracle."""
+def split_metrics(trainer: Trainer, dataset: Dataset, split: str) -> tuple[dict[str, float], SplitPredictions]:
+    """Model metrics on `split`; where the data has an oracle, also `oracle/<metric>` and `ratio/<metric>`."""
     preds = predict_split(trainer, dataset, split)
     users = preds.keys["user_id"].to_numpy() if "user_id" in preds.keys.columns else None
     metrics = task_metrics(preds.values, preds.labels, preds.masks, trainer.specs, users)
@@ -94,8 +100,52 @@ def calibration_curve(preds: SplitPredictions, task: str) -> dict[str, list[floa
 
 
 def write_json(path: Path, data: dict) -> None:
-    import json
+    atomic_write_text(path, json.dumps(data, indent=1) + "\n")
 
-    from recsys_mtl.files import atomic_write_text
 
-    atomic_write_text(path, json.dumps(data, indent=1, sort_keys=False) + "\n")
+def load_trained(run_dir: Path, device: torch.device) -> tuple[Trainer, Dataset]:
+    """The run's trainer with its best checkpoint (else its last) loaded, and its dataset.
+
+    Raises:
+        FileNotFoundError: no config.toml or no checkpoint in `run_dir`.
+        ValueError: the checkpoint does not match the config or the dataset.
+    """
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir / "config.toml")
+    dataset = Dataset(cfg.dataset)
+    trainer = build_trainer(cfg, dataset, device)
+    best = run_dir / "checkpoints" / "best"
+    checkpoint = best if best.exists() else run_dir / "checkpoints" / "last"
+    read_progress(checkpoint, fingerprint(cfg, dataset.schema))
+    load_checkpoint(checkpoint, {"model": trainer.model.state_dict()})
+    return trainer, dataset
+
+
+def evaluate_run(run_dir: Path, split: str, device: torch.device, baselines: tuple[Path, ...] = ()) -> dict[str, float]:
+    """Evaluate a trained run on `split`: metrics_<split>.json, details_<split>.json and report_<split>.md.
+
+    Args:
+        baselines: other runs (e.g. single-task) already evaluated on `split`, shown beside this one in the report.
+    """
+    run_dir = Path(run_dir)
+    trainer, dataset = load_trained(run_dir, device)
+    metrics, preds = split_metrics(trainer, dataset, split)
+    binary = [s.name for s in trainer.specs if s.kind == "binary" and s.after is None]
+    details = {
+        "num_rows": len(preds.keys),
+        "arch": trainer.cfg.model.arch,
+        "tasks": list(trainer.cfg.task_names),
+        "experts": trainer.sharded.module.mixture.expert_names,
+        "gate_weights": preds.gate_weights.tolist(),
+        "calibration": {task: calibration_curve(preds, task) for task in binary},
+    }
+    write_json(run_dir / f"metrics_{split}.json", metrics)
+    write_json(run_dir / f"details_{split}.json", details)
+    others = {}
+    for baseline in baselines:
+        path = Path(baseline) / f"metrics_{split}.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: evaluate the baseline run {baseline} on {split!r} first")
+        others[Path(baseline).name] = json.loads(path.read_text())
+    write_report(run_dir, split, metrics, details, others)
+    return metrics

@@ -93,8 +93,9 @@ def task_metrics(
         if spec.after is not None:
             clicked = mask & masks[spec.after] & (labels[spec.after] == 1)
             out[f"{name}/auc_clicked"] = auc(labels[name][clicked], predictions[name][clicked])
-            out[f"{name}/ctcvr_auc"] = auc(y, predictions[f"{name}_joint"][mask])
-            out[f"{name}/ctcvr_logloss"] = logloss(y, predictions[f"{name}_joint"][mask])
+            if f"{name}_joint" in predictions:  # the task it follows is trained too
+                out[f"{name}/ctcvr_auc"] = auc(y, predictions[f"{name}_joint"][mask])
+                out[f"{name}/ctcvr_logloss"] = logloss(y, predictions[f"{name}_joint"][mask])
         elif spec.kind == "binary":
             out[f"{name}/auc"] = auc(y, p)
             if users is not None:

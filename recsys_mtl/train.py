@@ -1,4 +1,4 @@
-"""Training: the sharded model, its optimizers and the multi-task loss; a step is one scalar loss, one backward."""
+"""The training loop: validation, early stopping, metrics logs, checkpoints and resume."""
 
 import json
 import logging
@@ -8,117 +8,17 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
-from torchrec.optim.keyed import KeyedOptimizerWrapper
 from tqdm import tqdm
 
 from recsys_mtl.checkpoint import fingerprint, load_checkpoint, read_progress, save_checkpoint
 from recsys_mtl.config import Config
-from recsys_mtl.data.batch import Batch
 from recsys_mtl.data.loader import Dataset, read_batches
-from recsys_mtl.distributed import ShardedRanker, shard_model
 from recsys_mtl.evaluate import split_metrics
 from recsys_mtl.metrics import better
-from recsys_mtl.model.embeddings import TEXT_TABLE_PREFIX, write_table
-from recsys_mtl.model.losses import MultiTaskLoss, TaskSpec, active_tasks, predict, task_specs
-from recsys_mtl.model.ranker import MultiTaskRanker, RankerOutput
-from recsys_mtl.text import load_text_vectors, read_texts
+from recsys_mtl.model.losses import TaskSpec
+from recsys_mtl.trainer import build_trainer, train_step, training_state
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Trainer:
-    """Everything a training step touches."""
-
-    cfg: Config
-    specs: tuple[TaskSpec, ...]
-    sharded: ShardedRanker
-    loss: MultiTaskLoss
-    loss_optimizer: KeyedOptimizerWrapper | None
-    device: torch.device
-
-    @property
-    def model(self) -> torch.nn.Module:
-        return self.sharded.model
-
-
-def build_trainer(cfg: Config, dataset: Dataset, device: torch.device) -> Trainer:
-    """Model (with text vectors loaded into its frozen tables), sharding, optimizers and loss for `cfg`.
-
-    Raises:
-        ValueError / FileNotFoundError: a task without a label, text features not encoded, a bad config.
-    """
-    schema = dataset.schema
-    specs = task_specs(cfg, schema)
-    torch.manual_seed(cfg.train.seed)
-    use_text = cfg.model.text_dim > 0 and bool(schema.texts)
-    finetune = use_text and cfg.text.finetune_layers > 0
-    vectors = load_text_vectors(dataset.folder, schema, cfg.text) if use_text and not finetune else {}
-    texts = read_texts(dataset.folder, schema) if finetune else None
-    text_dims = {name: v.shape[1] for name, v in vectors.items()}
-    model = MultiTaskRanker(cfg, schema, text_dims, texts)
-    sharded = shard_model(model, cfg, device)
-    for name, table in vectors.items():
-        write_table(sharded.model, TEXT_TABLE_PREFIX + name, table.to(device))
-    loss = MultiTaskLoss(cfg, specs).to(device)
-    loss_optimizer = None
-    if cfg.loss.weighting == "uncertainty":
-        params = dict(loss.named_parameters())
-        loss_optimizer = KeyedOptimizerWrapper(params, lambda p: torch.optim.Adam(p, lr=cfg.optim.lr))
-    return Trainer(cfg, specs, sharded, loss, loss_optimizer, device)
-
-
-def forward(trainer: Trainer, batch: Batch) -> RankerOutput:
-    with torch.autocast(trainer.device.type, dtype=torch.bfloat16, enabled=trainer.cfg.train.bf16):
-        return trainer.model(batch)
-
-
-def train_step(trainer: Trainer, batch: Batch, step: int) -> dict[str, float]:
-    """One optimisation step on `batch` (already on the device).
-
-    Returns:
-        "loss" (the scalar that was minimised) and "<task>/loss" (mean over rows whose label counts).
-    """
-    cfg = trainer.cfg
-    output = forward(trainer, batch)
-    active = active_tasks(step, len(trainer.specs), cfg.train.schedule).to(trainer.device)
-    total, task_means = trainer.loss(output.logits, batch.labels, batch.masks, active)
-    if cfg.loss.tower_l2 > 0:
-        total = total + cfg.loss.tower_l2 * sum(w.float().pow(2).sum() for w in trainer.sharded.module.tower_weights())
-    if cfg.loss.weighting == "gradnorm":
-        trainer.loss.gradnorm_step(_task_grad_norms(trainer, task_means), task_means.detach())
-    trainer.sharded.dense_optimizer.zero_grad()
-    if trainer.loss_optimizer is not None:
-        trainer.loss_optimizer.zero_grad()
-    total.backward()  # also applies the fused row-wise Adagrad to the embedding rows of this batch
-    trainer.sharded.dense_optimizer.step()
-    if trainer.loss_optimizer is not None:
-        trainer.loss_optimizer.step()
-    return {
-        "loss": total.item(),
-        **{f"{s.name}/loss": v.item() for s, v in zip(trainer.specs, task_means, strict=True)},
-    }
-
-
-def _task_grad_norms(trainer: Trainer, task_means: Tensor) -> Tensor:
-    """Norm of each task's loss gradient on the last shared layer (no gradient reaches the embeddings). [T]."""
-    shared = trainer.sharded.module.shared_parameters()
-    norms = []
-    for mean in task_means:
-        grads = torch.autograd.grad(mean, shared, retain_graph=True, allow_unused=True)
-        norms.append(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None) + 1e-12))
-    return torch.stack(norms)
-
-
-@torch.no_grad()
-def predict_batch(trainer: Trainer, batch: Batch) -> dict[str, Tensor]:
-    """Predictions in label units (see losses.predict) for one batch; the model is put in eval mode."""
-    trainer.model.eval()
-    try:
-        return predict(forward(trainer, batch).logits, trainer.specs)
-    finally:
-        trainer.model.train()
 
 
 @dataclass
@@ -136,27 +36,9 @@ def main_metric(cfg: Config, specs: tuple[TaskSpec, ...]) -> str:
     if cfg.train.early_stop_metric:
         return cfg.train.early_stop_metric
     spec = specs[0]
-    return (
-        {"binary": f"{spec.name}/auc", "regression": f"{spec.name}/rmse", "count": f"{spec.name}/poisson_deviance"}[
-            spec.kind
-        ]
-        if spec.after is None
-        else f"{spec.name}/ctcvr_auc"
-    )
-
-
-def training_state(trainer: Trainer) -> dict[str, object]:
-    """Every tensor a resumed run needs: model (sharded tables too), fused and dense optimizer state, loss, RNG."""
-    state: dict[str, object] = {
-        "model": trainer.model.state_dict(),
-        "fused_optimizer": trainer.model.fused_optimizer.state_dict(),
-        "dense_optimizer": trainer.sharded.dense_optimizer.state_dict(),
-        "loss": trainer.loss.state_dict(),
-        "rng": torch.get_rng_state(),
-    }
-    if trainer.loss_optimizer is not None:
-        state["loss_optimizer"] = trainer.loss_optimizer.state_dict()
-    return state
+    if spec.after is not None:
+        return f"{spec.name}/auc_clicked"
+    return f"{spec.name}/" + {"binary": "auc", "regression": "rmse", "count": "poisson_deviance"}[spec.kind]
 
 
 class MetricsLog:

@@ -42,8 +42,10 @@ def task_specs(cfg: Config, schema: Schema) -> tuple[TaskSpec, ...]:
         if task.name not in labels:
             raise ValueError(f"task {task.name!r} has no label in dataset {schema.name!r} (tasks: {sorted(labels)})")
         label = labels[task.name]
-        if task.after is not None and (labels[task.after].kind != "binary" or label.kind != "binary"):
-            raise ValueError(f"task {task.name!r}: after = {task.after!r} needs two binary tasks")
+        if task.after is not None and (task.after not in labels or labels[task.after].kind != "binary"):
+            raise ValueError(f"task {task.name!r}: after = {task.after!r} must name a binary label of the dataset")
+        if task.after is not None and label.kind != "binary":
+            raise ValueError(f"task {task.name!r}: after = {task.after!r} needs a binary task")
         loss = {"binary": "bce", "count": "poisson"}.get(label.kind, "mse" if task.loss == "auto" else task.loss)
         specs.append(
             TaskSpec(
@@ -80,7 +82,7 @@ def predict(logits: dict[str, Tensor], specs: tuple[TaskSpec, ...]) -> dict[str,
         else:
             out[spec.name] = torch.exp(logit)
     for spec in specs:
-        if spec.after is not None:
+        if spec.after in out:
             out[spec.name + "_joint"] = out[spec.after] * out[spec.name]
     return out
 

@@ -1,0 +1,117 @@
+"""The run report: report_<split>.md with a metrics table (model, oracle, single-task baselines) and PNG plots of the
+learning curves, expert utilisation (mean gate weight per task x expert) and calibration."""
+
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from recsys_mtl.files import atomic_write_text
+
+
+def _fmt(value: float | None) -> str:
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+
+
+def metrics_table(metrics: dict[str, float], baselines: dict[str, dict[str, float]]) -> str:
+    """Markdown table: one row per model metric; columns model, oracle, model / oracle, then each baseline."""
+    names = [k for k in metrics if not k.startswith(("oracle/", "ratio/"))]
+    has_oracle = any(k.startswith("oracle/") for k in metrics)
+    header = ["metric", "model", *(["oracle", "model / oracle"] if has_oracle else []), *baselines]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name in names:
+        row = [name, _fmt(metrics[name])]
+        if has_oracle:
+            row += [_fmt(metrics.get(f"oracle/{name}")), _fmt(metrics.get(f"ratio/{name}"))]
+        row += [_fmt(b.get(name)) for b in baselines.values()]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def _learning_curves(run_dir: Path, path: Path) -> bool:
+    log = run_dir / "metrics.jsonl"
+    if not log.is_file():
+        return False
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    train = [r for r in rows if r["kind"] == "train"]
+    valid = [r for r in rows if r["kind"] == "valid"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for key in sorted({k for r in train for k in r if k.endswith("/loss")}):
+        left.plot([r["step"] for r in train], [r[key] for r in train], label=key)
+    left.set(title="training loss per task (running mean)", xlabel="step", yscale="log")
+    left.legend(fontsize=8)
+    headline = ("/auc", "/ctcvr_auc", "/rmse", "/poisson_deviance")
+    for key in sorted({k for r in valid for k in r if k.endswith(headline) and "/" in k and k.count("/") == 1}):
+        right.plot([r["step"] for r in valid], [r[key] for r in valid], marker="o", label=key)
+    right.set(title="validation", xlabel="step")
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+def _utilisation(details: dict, path: Path) -> None:
+    weights, tasks, experts = details["gate_weights"], details["tasks"], details["experts"]
+    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * len(experts), 1.2 + 0.5 * len(tasks)))
+    image = ax.imshow(weights, cmap="viridis", vmin=0, vmax=max(max(r) for r in weights))
+    ax.set_xticks(range(len(experts)), experts, rotation=45, ha="right")
+    ax.set_yticks(range(len(tasks)), tasks)
+    for t, row in enumerate(weights):
+        for e, w in enumerate(row):
+            ax.text(e, t, f"{w:.2f}", ha="center", va="center", color="white" if w < 0.5 * max(row) else "black")
+    ax.set_title("mean gate weight (task x expert)")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _calibration(details: dict, path: Path) -> None:
+    curves = details["calibration"]
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    top = max(max(c["predicted"] + c["observed"]) for c in curves.values())
+    ax.plot([0, top], [0, top], color="grey", linestyle="--", label="perfect")
+    for task, curve in curves.items():
+        ax.plot(curve["predicted"], curve["observed"], marker="o", label=task)
+    ax.set(title="calibration (deciles of the prediction)", xlabel="mean predicted", ylabel="observed rate")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def write_report(
+    run_dir: Path, split: str, metrics: dict[str, float], details: dict, baselines: dict[str, dict[str, float]]
+) -> Path:
+    """Write report_<split>.md and its PNGs into `run_dir`. Returns the markdown path."""
+    run_dir = Path(run_dir)
+    parts = [
+        f"# Report: {run_dir.name} on the {split} split",
+        "",
+        f"Rows: {details['num_rows']:,}. Tasks: {', '.join(details['tasks'])}. Architecture: {details['arch']}.",
+        "",
+        "## Metrics",
+        "",
+        "AUCs are exact. `model / oracle` compares with the true probabilities of the synthetic world (1.0 = the best "
+        "achievable for AUCs; for errors and deviances, lower is better and the oracle is the floor). Baselines are "
+        "single-task runs on the same data.",
+        "",
+        metrics_table(metrics, baselines),
+        "",
+    ]
+    if _learning_curves(run_dir, run_dir / "learning_curves.png"):
+        parts += ["## Learning curves", "", "![learning curves](learning_curves.png)", ""]
+    if details["experts"] and len(details["experts"]) > 1:
+        _utilisation(details, run_dir / f"expert_utilisation_{split}.png")
+        parts += ["## Expert utilisation", "", f"![expert utilisation](expert_utilisation_{split}.png)", ""]
+    if details["calibration"]:
+        _calibration(details, run_dir / f"calibration_{split}.png")
+        parts += ["## Calibration", "", f"![calibration](calibration_{split}.png)", ""]
+    path = run_dir / f"report_{split}.md"
+    atomic_write_text(path, "\n".join(parts))
+    return path
