@@ -46,6 +46,7 @@ def gauc(labels: Tensor, scores: Tensor, groups: np.ndarray) -> float:
             (pl.col("r") * pl.col("y")).sum().alias("rank_sum"),
         )
         .filter((pl.col("pos") > 0) & (pl.col("pos") < pl.col("n")))
+        .sort("g")  # a fixed order: the weighted sum is then the same to the last bit on every run
         .with_columns(
             (
                 (pl.col("rank_sum") - pl.col("pos") * (pl.col("pos") + 1) / 2)

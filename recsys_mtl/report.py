@@ -39,16 +39,19 @@ def _learning_curves(run_dir: Path, path: Path) -> bool:
     rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     train = [r for r in rows if r["kind"] == "train"]
     valid = [r for r in rows if r["kind"] == "valid"]
+    if not train and not valid:
+        return False
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for key in sorted({k for r in train for k in r if k.endswith("/loss")}):
         left.plot([r["step"] for r in train], [r[key] for r in train], label=key)
     left.set(title="training loss per task (running mean)", xlabel="step", yscale="log")
-    left.legend(fontsize=8)
     headline = ("/auc", "/ctcvr_auc", "/rmse", "/poisson_deviance")
     for key in sorted({k for r in valid for k in r if k.endswith(headline) and "/" in k and k.count("/") == 1}):
         right.plot([r["step"] for r in valid], [r[key] for r in valid], marker="o", label=key)
     right.set(title="validation", xlabel="step")
-    right.legend(fontsize=8)
+    for ax in (left, right):
+        if ax.lines:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)

@@ -1,0 +1,79 @@
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import log_loss, mean_absolute_error, mean_poisson_deviance, mean_squared_error, roc_auc_score
+
+from recsys_mtl.metrics import auc, gauc, logloss, poisson_deviance, task_metrics
+from recsys_mtl.model.losses import TaskSpec
+
+RNG = np.random.default_rng(0)
+LABELS = (RNG.random(2000) < 0.3).astype(np.float64)
+SCORES = np.round(0.4 * LABELS + RNG.random(2000), 2)  # rounded: many ties
+
+
+def test_auc_matches_scikit_learn_with_ties() -> None:
+    assert auc(torch.tensor(LABELS), torch.tensor(SCORES)) == pytest.approx(roc_auc_score(LABELS, SCORES), abs=1e-12)
+
+
+def test_gauc_is_the_impression_weighted_mean_of_per_user_aucs() -> None:
+    users = RNG.integers(0, 20, 2000)
+    expected, weight = 0.0, 0
+    for u in np.unique(users):
+        rows = users == u
+        if 0 < LABELS[rows].sum() < rows.sum():
+            expected += roc_auc_score(LABELS[rows], SCORES[rows]) * rows.sum()
+            weight += rows.sum()
+    assert gauc(torch.tensor(LABELS), torch.tensor(SCORES), users) == pytest.approx(expected / weight, abs=1e-12)
+
+
+def test_losses_and_errors_match_scikit_learn() -> None:
+    probs = np.clip(SCORES / 1.5, 0.01, 0.99)
+    assert logloss(torch.tensor(LABELS), torch.tensor(probs)) == pytest.approx(log_loss(LABELS, probs), rel=1e-9)
+    counts, rates = RNG.poisson(2.0, 500).astype(float), RNG.random(500) * 4 + 0.1
+    expected = mean_poisson_deviance(counts, rates)
+    assert poisson_deviance(torch.tensor(counts), torch.tensor(rates)) == pytest.approx(expected, rel=1e-9)
+    ratings, predicted = RNG.integers(1, 6, 300).astype(float), RNG.random(300) * 4 + 1
+    spec = TaskSpec(name="rating", kind="regression", loss="mse", weight=1.0, min=1, max=5)
+    metrics = task_metrics(
+        {"rating": torch.tensor(predicted)},
+        {"rating": torch.tensor(ratings)},
+        {"rating": torch.ones(300, dtype=torch.bool)},
+        (spec,),
+    )
+    assert metrics["rating/rmse"] == pytest.approx(mean_squared_error(ratings, predicted) ** 0.5, rel=1e-9)
+    assert metrics["rating/mae"] == pytest.approx(mean_absolute_error(ratings, predicted), rel=1e-9)
+
+
+def test_shuffled_rows_give_the_same_metrics() -> None:
+    spec = TaskSpec(name="ctr", kind="binary", loss="bce", weight=1.0)
+    users = RNG.integers(0, 50, 2000)
+    probs = torch.tensor(np.clip(SCORES / 1.5, 0.01, 0.99))
+    args = ({"ctr": probs}, {"ctr": torch.tensor(LABELS)}, {"ctr": torch.ones(2000, dtype=torch.bool)}, (spec,), users)
+    order = torch.randperm(2000, generator=torch.Generator().manual_seed(1))
+    shuffled = (
+        {"ctr": probs[order]},
+        {"ctr": torch.tensor(LABELS)[order]},
+        {"ctr": torch.ones(2000, dtype=torch.bool)},
+        (spec,),
+        users[order.numpy()],
+    )
+    assert task_metrics(*args) == pytest.approx(task_metrics(*shuffled), rel=1e-12)
+
+
+def test_cvr_metrics_use_clicked_rows_and_the_joint_probability() -> None:
+    ctr = TaskSpec(name="ctr", kind="binary", loss="bce", weight=1.0)
+    cvr = TaskSpec(name="cvr", kind="binary", loss="bce", weight=1.0, after="ctr")
+    clicks = torch.tensor([1.0, 1, 1, 0, 0, 1])
+    conversions = torch.tensor([1.0, 0, 1, 0, 0, 0])
+    p_ctr = torch.tensor([0.9, 0.8, 0.7, 0.1, 0.2, 0.3])
+    p_cvr = torch.tensor([0.6, 0.1, 0.5, 0.9, 0.9, 0.4])
+    ones = torch.ones(6, dtype=torch.bool)
+    metrics = task_metrics(
+        {"ctr": p_ctr, "cvr": p_cvr, "cvr_joint": p_ctr * p_cvr},
+        {"ctr": clicks, "cvr": conversions},
+        {"ctr": ones, "cvr": ones},
+        (ctr, cvr),
+    )
+    clicked = clicks == 1
+    assert metrics["cvr/auc_clicked"] == pytest.approx(roc_auc_score(conversions[clicked], p_cvr[clicked]))
+    assert metrics["cvr/ctcvr_auc"] == pytest.approx(roc_auc_score(conversions, p_ctr * p_cvr))
