@@ -3,9 +3,22 @@
 import argparse
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError)
+# third-party deprecation notices that say nothing about the user's run (shown with --verbose)
+KNOWN_WARNINGS = (
+    ".*HeuristicalStorageReservation.*",
+    ".*broadcast_buffers.*",
+    ".*torch.distributed is disabled.*",
+    ".*This API is deprecated.*",
+    ".*Please use DTensor instead.*",
+    ".*torch.jit.*deprecated.*",
+    ".*Failed to import.*",
+    ".*is now DEPRECATED.*",
+    ".*The topology was constructed directly.*",
+)
 
 
 def _synth(args: argparse.Namespace) -> None:
@@ -186,9 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(message)s"
-    )
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("torch.fx._symbolic_trace").setLevel(logging.ERROR)  # a torch-internal notice on every run
+    for name in ("recsys_mtl", "data_prep"):  # ours at INFO; torchrec / fbgemm chatter only from WARNING up
+        logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    if not args.verbose:
+        for pattern in KNOWN_WARNINGS:
+            warnings.filterwarnings("ignore", message=pattern)
     try:
         args.func(args)
     except USER_ERRORS as err:

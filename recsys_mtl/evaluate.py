@@ -1,5 +1,6 @@
 """Evaluation: predict a whole split, then exact metrics for the model and, where the data has one, for the oracle."""
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,12 +14,13 @@ from recsys_mtl.checkpoint import fingerprint, load_checkpoint, read_progress
 from recsys_mtl.config import load_config
 from recsys_mtl.data.loader import Dataset, read_batches
 from recsys_mtl.files import atomic_write_text
-from recsys_mtl.metrics import task_metrics
+from recsys_mtl.metrics import auc, task_metrics
 from recsys_mtl.model.losses import TaskSpec, predict
 from recsys_mtl.report import write_report
 from recsys_mtl.trainer import Trainer, build_trainer
 
 CALIBRATION_BINS = 10
+COLD_FEATURE = "item_id"  # rows whose item was never seen in training (unknown id 0) give the `auc_cold` metrics
 
 
 @dataclass
@@ -30,6 +32,7 @@ class SplitPredictions:
     masks: dict[str, Tensor]
     keys: pl.DataFrame
     gate_weights: Tensor
+    cold: Tensor | None  # [N] bool: the COLD_FEATURE id is unknown (0); None without that feature
 
 
 @torch.no_grad()
@@ -37,7 +40,7 @@ def predict_split(trainer: Trainer, dataset: Dataset, split: str, batch_size: in
     """Run the model over `split` in eval mode and keep every prediction, label and key."""
     model = trainer.model
     model.eval()
-    values, labels, masks, keys, gates = [], [], [], [], []
+    values, labels, masks, keys, gates, cold = [], [], [], [], [], []
     try:
         for batch in read_batches(dataset, split, batch_size):
             batch = batch.to(trainer.device)
@@ -48,6 +51,8 @@ def predict_split(trainer: Trainer, dataset: Dataset, split: str, batch_size: in
             masks.append({k: v.cpu() for k, v in batch.masks.items()})
             keys.append(batch.keys)
             gates.append(output.gate_weights.float().sum(0).cpu())  # [T, E]
+            if COLD_FEATURE in batch.sparse.keys():  # noqa: SIM118 (a KeyedJaggedTensor, not a dict)
+                cold.append(batch.sparse[COLD_FEATURE].values().cpu() == 0)
     finally:
         model.train()
     num_rows = sum(len(k) for k in keys)
@@ -57,6 +62,7 @@ def predict_split(trainer: Trainer, dataset: Dataset, split: str, batch_size: in
         masks={k: torch.cat([v[k] for v in masks]) for k in masks[0]},
         keys=pl.concat(keys),
         gate_weights=torch.stack(gates).sum(0) / num_rows,
+        cold=torch.cat(cold) if cold else None,
     )
 
 
@@ -81,13 +87,29 @@ def split_metrics(trainer: Trainer, dataset: Dataset, split: str) -> tuple[dict[
     """Model metrics on `split`; where the data has an oracle, also `oracle/<metric>` and `ratio/<metric>`."""
     preds = predict_split(trainer, dataset, split)
     users = preds.keys["user_id"].to_numpy() if "user_id" in preds.keys.columns else None
-    metrics = task_metrics(preds.values, preds.labels, preds.masks, trainer.specs, users)
+    metrics = task_metrics(preds.values, preds.labels, preds.masks, trainer.specs, users) | cold_metrics(
+        preds, trainer.specs
+    )
     oracle = oracle_predictions(dataset, preds.keys, trainer.specs)
     if oracle is not None:
         oracle_metrics = task_metrics(oracle, preds.labels, preds.masks, trainer.specs, users)
+        oracle_metrics |= cold_metrics(dataclasses.replace(preds, values=oracle), trainer.specs)
         metrics |= {f"oracle/{k}": v for k, v in oracle_metrics.items()}
         metrics |= {f"ratio/{k}": metrics[k] / v for k, v in oracle_metrics.items() if v}
     return metrics, preds
+
+
+def cold_metrics(preds: SplitPredictions, specs: tuple[TaskSpec, ...]) -> dict[str, float]:
+    """`<task>/auc_cold`: the AUC of each plain binary task on the rows of items never seen in training."""
+    if preds.cold is None:
+        return {}
+    out = {}
+    for spec in specs:
+        rows = preds.cold & preds.masks[spec.name]
+        labels = preds.labels[spec.name][rows]
+        if spec.kind == "binary" and spec.after is None and 0 < labels.sum() < len(labels):
+            out[f"{spec.name}/auc_cold"] = auc(labels, preds.values[spec.name][rows])
+    return out
 
 
 def calibration_curve(preds: SplitPredictions, task: str) -> dict[str, list[float]]:

@@ -16,7 +16,7 @@ from recsys_mtl.data.loader import Dataset, read_batches
 from recsys_mtl.evaluate import split_metrics
 from recsys_mtl.metrics import better
 from recsys_mtl.model.losses import TaskSpec
-from recsys_mtl.trainer import build_trainer, train_step, training_state
+from recsys_mtl.trainer import Trainer, build_trainer, train_step, training_state
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,14 @@ def main_metric(cfg: Config, specs: tuple[TaskSpec, ...]) -> str:
     if spec.after is not None:
         return f"{spec.name}/auc_clicked"
     return f"{spec.name}/" + {"binary": "auc", "regression": "rmse", "count": "poisson_deviance"}[spec.kind]
+
+
+def set_learning_rate(trainer: Trainer, step: int, total_steps: int) -> None:
+    """The dense learning rate of `step` (a function of the step alone, so a resumed run follows the same curve)."""
+    optim = trainer.cfg.optim
+    scale = 1.0 if optim.decay == "none" else 1.0 - 0.95 * min(step / max(total_steps, 1), 1.0)
+    for group in trainer.sharded.dense_optimizer.param_groups:
+        group["lr"] = optim.lr * scale
 
 
 class MetricsLog:
@@ -144,6 +152,7 @@ def train(cfg: Config, run_dir: Path, device: torch.device, resume: bool = False
             start_batch=position["batch"],
         )
         for batch in batches:
+            set_learning_rate(trainer, position["step"], total)
             step_metrics = train_step(trainer, batch.to(device, non_blocking=True), position["step"])
             position["step"] += 1
             position["batch"] += 1

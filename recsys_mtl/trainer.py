@@ -1,10 +1,12 @@
 """The trainer: sharded model, optimizers and multi-task loss for a config; a step is one scalar loss, one backward."""
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from torchrec.optim.keyed import KeyedOptimizerWrapper
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys_mtl.config import Config
 from recsys_mtl.data.batch import Batch
@@ -63,6 +65,19 @@ def forward(trainer: Trainer, batch: Batch) -> RankerOutput:
         return trainer.model(batch)
 
 
+def drop_ids(
+    kjt: KeyedJaggedTensor, features: tuple[str, ...], rate: float, generator: torch.Generator
+) -> KeyedJaggedTensor:
+    """Replace each id of `features` by the unknown id 0 with probability `rate`, so that row 0 learns to stand for
+    items never seen in training (their text and side features then carry the ranking)."""
+    keys = kjt.keys()
+    chosen = torch.tensor([key in features for key in keys])  # [F]
+    per_value = torch.repeat_interleave(chosen, torch.tensor(kjt.length_per_key()))  # [sum of lengths]
+    dropped = per_value & (torch.rand(per_value.shape, generator=generator) < rate)
+    values = torch.where(dropped.to(kjt.values().device), torch.zeros_like(kjt.values()), kjt.values())
+    return KeyedJaggedTensor(keys=keys, values=values, lengths=kjt.lengths(), stride=kjt.stride())
+
+
 def train_step(trainer: Trainer, batch: Batch, step: int) -> dict[str, float]:
     """One optimisation step on `batch` (already on the device).
 
@@ -70,6 +85,10 @@ def train_step(trainer: Trainer, batch: Batch, step: int) -> dict[str, float]:
         "loss" (the scalar that was minimised) and "<task>/loss" (mean over rows whose label counts).
     """
     cfg = trainer.cfg
+    if cfg.train.id_dropout > 0:
+        generator = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step)  # the same on a resumed run
+        sparse = drop_ids(batch.sparse, cfg.train.id_dropout_features, cfg.train.id_dropout, generator)
+        batch = dataclasses.replace(batch, sparse=sparse)
     output = forward(trainer, batch)
     active = active_tasks(step, len(trainer.specs), cfg.train.schedule).to(trainer.device)
     total, task_means = trainer.loss(output.logits, batch.labels, batch.masks, active)
