@@ -152,7 +152,7 @@ def train(cfg: Config, run_dir: Path, device: torch.device, resume: bool = False
             start_batch=position["batch"],
         )
         for batch in batches:
-            set_learning_rate(trainer, position["step"], total)
+            set_learning_rate(trainer, position["step"], per_epoch * cfg.train.epochs)  # not max_steps
             step_metrics = train_step(trainer, batch.to(device, non_blocking=True), position["step"])
             position["step"] += 1
             position["batch"] += 1
