@@ -67,6 +67,7 @@ bench: $(STAMP) ## benchmarks (DEVICE=cpu|cuda); tables printed, json under benc
 	$(BIN)/python benchmarks/bench_synth.py --device $(DEVICE)
 	$(BIN)/python benchmarks/bench_reader.py --device $(DEVICE)
 	$(BIN)/python benchmarks/bench_text.py --device $(DEVICE)
+	$(BIN)/python benchmarks/bench_quality.py --device $(DEVICE)
 
 clean: ## remove build outputs and demo data (keeps .venv)
 	rm -rf $(DEMO_DIR) .pytest_cache .ruff_cache build *.egg-info

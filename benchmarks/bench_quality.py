@@ -63,7 +63,7 @@ def main() -> None:
             run = Path(tmp) / name.replace(", ", "_").replace(" ", "_")
             train(cfg, run, device, progress=False)
             metrics = evaluate_run(run, "test", device)
-            oracle = {k: metrics[f"oracle/{k}"] for k in COLUMNS if f"oracle/{k}" in metrics} or oracle
+            oracle |= {k: metrics[f"oracle/{k}"] for k in COLUMNS if f"oracle/{k}" in metrics}
             rows.append(
                 {
                     "model": name,
