@@ -135,6 +135,8 @@ def train(cfg: Config, run_dir: Path, device: torch.device, resume: bool = False
             checkpoint("best")
         else:
             position["stale"] += 1
+        if not cfg.train.checkpoint_every:
+            checkpoint("last")
         log.info("step %d: valid %s = %.5f (best %.5f)", position["step"], metric, metrics[metric], position["best"])
         return position["stale"] >= cfg.train.patience
 
