@@ -3,6 +3,7 @@
 import math
 from pathlib import Path
 
+import polars as pl
 import pytest
 import torch
 
@@ -32,10 +33,14 @@ def test_ali_ccp_config_trains_and_evaluates(tmp_path: Path) -> None:
 def test_reviews_config_trains_with_text_and_evaluates(tmp_path: Path, tiny_bert: Path) -> None:
     prepare(shared_data("womens-clothing-reviews"), tmp_path / "reviews", load_description("reviews"))
     encode_dataset(tmp_path / "reviews", TextConfig(model=str(tiny_bert)), CPU, progress=False)
-    overrides = [f'dataset="{tmp_path / "reviews"}"', f'text.model="{tiny_bert}"', "train.epochs=1"]
+    overrides = [f'dataset="{tmp_path / "reviews"}"', f'text.model="{tiny_bert}"']
     cfg = load_config(REPO / "configs" / "reviews.toml", overrides)
     train(cfg, tmp_path / "run", CPU, progress=False)
     metrics = evaluate_run(tmp_path / "run", "test", CPU)
-    assert metrics["recommend/auc"] > 0.55
-    assert metrics["rating/rmse"] < 1.3
+    # a random BERT carries little sentiment, so the model has little more than item and age: it must not do worse
+    # than a constant rating by much, and must rank recommendations above chance
+    ratings = pl.read_parquet(tmp_path / "reviews" / "test")["rating"]
+    assert metrics["rating/rmse"] < 1.05 * ratings.std()
+    assert metrics["recommend/auc"] > 0.5
+    assert 0.8 < metrics["recommend/calibration"] < 1.2
     assert math.isfinite(metrics["helpful/poisson_deviance"])
