@@ -2,6 +2,7 @@
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -74,10 +75,14 @@ def _train(args: argparse.Namespace) -> None:
     if run_dir is None:
         raise ValueError("give --out RUN_DIR or run_dir in the config")
     cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
+    failed = True
     try:
         result = train(cfg, run_dir, torch.device(args.device), resume=args.resume, progress=not args.quiet)
+        failed = False
     finally:
-        destroy_process_group()
+        destroy_process_group(failed)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
+        return
     best = ", ".join(f"{k} {v:.4f}" for k, v in result.best.items() if not k.startswith(("oracle/", "ratio/")))
     print(f"trained {result.steps} steps into {run_dir}" + (" (stopped early)" if result.stopped_early else ""))
     print(f"best validation: {best}")
@@ -89,10 +94,12 @@ def _evaluate(args: argparse.Namespace) -> None:
     from recsys_mtl.distributed import destroy_process_group
     from recsys_mtl.evaluate import evaluate_run
 
+    failed = True
     try:
         metrics = evaluate_run(args.run_dir, args.split, torch.device(args.device), tuple(args.baselines))
+        failed = False
     finally:
-        destroy_process_group()
+        destroy_process_group(failed)
     print(f"{'metric':<28}{'model':>10}{'oracle':>10}{'ratio':>8}")
     for name, value in metrics.items():
         if not name.startswith(("oracle/", "ratio/")):

@@ -40,10 +40,13 @@ def init_process_group(device: torch.device) -> dist.ProcessGroup:
     return dist.group.WORLD
 
 
-def destroy_process_group() -> None:
-    """Leave the process group after every rank has arrived (a bare destroy could abort peers mid-collective)."""
+def destroy_process_group(failed: bool = False) -> None:
+    """Leave the process group after every rank has arrived (a bare destroy could abort peers mid-collective).
+
+    After a failure there is no barrier: the peers may never arrive, and torchrun stops them when this rank exits.
+    """
     if dist.is_initialized():
-        if dist.get_world_size() > 1:
+        if dist.get_world_size() > 1 and not failed:
             dist.barrier()
         dist.destroy_process_group()
 

@@ -8,14 +8,17 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from recsys_mtl.checkpoint import fingerprint, load_checkpoint, read_progress
 from recsys_mtl.config import load_config
-from recsys_mtl.data.loader import Dataset, read_batches
+from recsys_mtl.data.batch import Batch
+from recsys_mtl.data.loader import Dataset, count_batches, read_batches
 from recsys_mtl.files import atomic_write_text
 from recsys_mtl.metrics import auc, task_metrics
 from recsys_mtl.model.losses import TaskSpec, predict
+from recsys_mtl.model.ranker import RankerOutput
 from recsys_mtl.report import write_report
 from recsys_mtl.trainer import Trainer, build_trainer
 
@@ -35,35 +38,65 @@ class SplitPredictions:
     cold: Tensor | None  # [N] bool: the COLD_FEATURE id is unknown (0); None without that feature
 
 
+def world() -> tuple[int, int]:
+    """(rank, world size) of this process; (0, 1) outside a process group."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
 @torch.no_grad()
-def predict_split(trainer: Trainer, dataset: Dataset, split: str, batch_size: int = 8192) -> SplitPredictions:
-    """Run the model over `split` in eval mode and keep every prediction, label and key."""
-    model = trainer.model
-    model.eval()
-    values, labels, masks, keys, gates, cold = [], [], [], [], [], []
+def predict_split(trainer: Trainer, dataset: Dataset, split: str, batch_size: int = 8192) -> SplitPredictions | None:
+    """Run the model over `split` in eval mode and keep every prediction, label and key.
+
+    Under N ranks each rank predicts its own part and rank 0 receives every row (the others get None). Ranks with
+    fewer batches repeat their last one, unrecorded, so that the sharded tables' collectives stay in step.
+    """
+    rank, world_size = world()
+    steps = max(count_batches(dataset, split, batch_size, rank=r, world_size=world_size) for r in range(world_size))
+    batches = read_batches(dataset, split, batch_size, rank=rank, world_size=world_size)
+    parts: list[dict] = []
+    last = None
+    trainer.model.eval()
     try:
-        for batch in read_batches(dataset, split, batch_size):
-            batch = batch.to(trainer.device)
+        for _ in range(steps):
+            batch = next(batches, None)
+            recorded = batch is not None
+            if batch is None:  # out of rows (or none at all): a placeholder batch, not recorded
+                batch = last if last is not None else next(read_batches(dataset, split, batch_size)).to(trainer.device)
+            batch = last = batch.to(trainer.device)
             with torch.autocast(trainer.device.type, dtype=torch.bfloat16, enabled=trainer.cfg.train.bf16):
-                output = model(batch)
-            values.append({k: v.cpu() for k, v in predict(output.logits, trainer.specs).items()})
-            labels.append({k: v.cpu() for k, v in batch.labels.items()})
-            masks.append({k: v.cpu() for k, v in batch.masks.items()})
-            keys.append(batch.keys)
-            gates.append(output.gate_weights.float().sum(0).cpu())  # [T, E]
-            if COLD_FEATURE in batch.sparse.keys():  # noqa: SIM118 (a KeyedJaggedTensor, not a dict)
-                cold.append(batch.sparse[COLD_FEATURE].values().cpu() == 0)
+                output = trainer.model(batch)
+            if recorded:
+                parts.append(_part(trainer, batch, output))
     finally:
-        model.train()
-    num_rows = sum(len(k) for k in keys)
+        trainer.model.train()
+    if world_size > 1:
+        gathered: list | None = [None] * world_size if rank == 0 else None
+        dist.gather_object(parts, gathered, dst=0)
+        if rank != 0:
+            return None
+        parts = [part for rank_parts in gathered for part in rank_parts]
+    num_rows = sum(len(p["keys"]) for p in parts)
     return SplitPredictions(
-        values={k: torch.cat([v[k] for v in values]) for k in values[0]},
-        labels={k: torch.cat([v[k] for v in labels]) for k in labels[0]},
-        masks={k: torch.cat([v[k] for v in masks]) for k in masks[0]},
-        keys=pl.concat(keys),
-        gate_weights=torch.stack(gates).sum(0) / num_rows,
-        cold=torch.cat(cold) if cold else None,
+        values={k: torch.cat([p["values"][k] for p in parts]) for k in parts[0]["values"]},
+        labels={k: torch.cat([p["labels"][k] for p in parts]) for k in parts[0]["labels"]},
+        masks={k: torch.cat([p["masks"][k] for p in parts]) for k in parts[0]["masks"]},
+        keys=pl.concat([p["keys"] for p in parts]),
+        gate_weights=torch.stack([p["gates"] for p in parts]).sum(0) / num_rows,
+        cold=torch.cat([p["cold"] for p in parts]) if parts[0]["cold"] is not None else None,
     )
+
+
+def _part(trainer: Trainer, batch: Batch, output: RankerOutput) -> dict:
+    """One batch's share of a SplitPredictions, on the CPU."""
+    has_cold = COLD_FEATURE in batch.sparse.keys()  # noqa: SIM118 (a KeyedJaggedTensor, not a dict)
+    return {
+        "values": {k: v.cpu() for k, v in predict(output.logits, trainer.specs).items()},
+        "labels": {k: v.cpu() for k, v in batch.labels.items()},
+        "masks": {k: v.cpu() for k, v in batch.masks.items()},
+        "keys": batch.keys,
+        "gates": output.gate_weights.float().sum(0).cpu(),  # [T, E]
+        "cold": batch.sparse[COLD_FEATURE].values().cpu() == 0 if has_cold else None,
+    }
 
 
 def oracle_predictions(dataset: Dataset, keys: pl.DataFrame, specs: tuple[TaskSpec, ...]) -> dict[str, Tensor] | None:
@@ -83,9 +116,22 @@ def oracle_predictions(dataset: Dataset, keys: pl.DataFrame, specs: tuple[TaskSp
     return values
 
 
-def split_metrics(trainer: Trainer, dataset: Dataset, split: str) -> tuple[dict[str, float], SplitPredictions]:
-    """Model metrics on `split`; where the data has an oracle, also `oracle/<metric>` and `ratio/<metric>`."""
+def split_metrics(trainer: Trainer, dataset: Dataset, split: str) -> tuple[dict[str, float], SplitPredictions | None]:
+    """Model metrics on `split`; where the data has an oracle, also `oracle/<metric>` and `ratio/<metric>`.
+
+    Exact over the whole split: under N ranks they are computed once, on rank 0, and sent to every rank (so that all
+    take the same early-stopping decision); only rank 0 gets the predictions.
+    """
     preds = predict_split(trainer, dataset, split)
+    metrics = _metrics(trainer, dataset, preds) if preds is not None else {}
+    if world()[1] > 1:
+        shared = [metrics]
+        dist.broadcast_object_list(shared, src=0)
+        metrics = shared[0]
+    return metrics, preds
+
+
+def _metrics(trainer: Trainer, dataset: Dataset, preds: SplitPredictions) -> dict[str, float]:
     users = preds.keys["user_id"].to_numpy() if "user_id" in preds.keys.columns else None
     metrics = task_metrics(preds.values, preds.labels, preds.masks, trainer.specs, users) | cold_metrics(
         preds, trainer.specs
@@ -96,7 +142,7 @@ def split_metrics(trainer: Trainer, dataset: Dataset, split: str) -> tuple[dict[
         oracle_metrics |= cold_metrics(dataclasses.replace(preds, values=oracle), trainer.specs)
         metrics |= {f"oracle/{k}": v for k, v in oracle_metrics.items()}
         metrics |= {f"ratio/{k}": metrics[k] / v for k, v in oracle_metrics.items() if v}
-    return metrics, preds
+    return metrics
 
 
 def cold_metrics(preds: SplitPredictions, specs: tuple[TaskSpec, ...]) -> dict[str, float]:
@@ -152,6 +198,8 @@ def evaluate_run(run_dir: Path, split: str, device: torch.device, baselines: tup
     run_dir = Path(run_dir)
     trainer, dataset = load_trained(run_dir, device)
     metrics, preds = split_metrics(trainer, dataset, split)
+    if preds is None:  # not rank 0: rank 0 writes the files
+        return metrics
     binary = [s.name for s in trainer.specs if s.kind == "binary" and s.after is None]
     details = {
         "num_rows": len(preds.keys),

@@ -1,5 +1,6 @@
 """The training loop: validation, early stopping, metrics logs, checkpoints and resume."""
 
+import itertools
 import json
 import logging
 import time
@@ -12,8 +13,9 @@ from tqdm import tqdm
 
 from recsys_mtl.checkpoint import fingerprint, load_checkpoint, read_progress, save_checkpoint
 from recsys_mtl.config import Config
-from recsys_mtl.data.loader import Dataset, read_batches
+from recsys_mtl.data.loader import Dataset, count_batches, read_batches
 from recsys_mtl.evaluate import split_metrics
+from recsys_mtl.files import atomic_write_text
 from recsys_mtl.metrics import better
 from recsys_mtl.model.losses import TaskSpec
 from recsys_mtl.trainer import Trainer, build_trainer, train_step, training_state
@@ -110,6 +112,9 @@ def train(cfg: Config, run_dir: Path, device: torch.device, resume: bool = False
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(run_dir / "config.toml")
+        plan = str(trainer.sharded.plan)
+        atomic_write_text(run_dir / "sharding_plan.txt", plan + "\n")
+        log.info("sharding plan over %d rank(s):\n%s", world_size, plan)
     metric = main_metric(cfg, trainer.specs)
     logger = MetricsLog(run_dir, enabled=rank == 0)
     losses, valid, stopped = [], [], False
@@ -137,23 +142,29 @@ def train(cfg: Config, run_dir: Path, device: torch.device, resume: bool = False
             position["stale"] += 1
         if not cfg.train.checkpoint_every:
             checkpoint("last")
-        log.info("step %d: valid %s = %.5f (best %.5f)", position["step"], metric, metrics[metric], position["best"])
+        if rank == 0:
+            log.info(
+                "step %d: valid %s = %.5f (best %.5f)", position["step"], metric, metrics[metric], position["best"]
+            )
         return position["stale"] >= cfg.train.patience
 
     while position["epoch"] < cfg.train.epochs and not stopped:
+        reading = {"shuffle": True, "seed": cfg.train.seed, "epoch": position["epoch"], "drop_last": world_size > 1}
+        # every rank takes the same number of steps (the sharded tables' collectives must stay in step)
+        steps = min(
+            count_batches(dataset, "train", cfg.train.batch_size, rank=r, world_size=world_size, **reading)
+            for r in range(world_size)
+        )
         batches = read_batches(
             dataset,
             "train",
             cfg.train.batch_size,
             rank=rank,
             world_size=world_size,
-            shuffle=True,
-            seed=cfg.train.seed,
-            epoch=position["epoch"],
-            drop_last=world_size > 1,
             start_batch=position["batch"],
+            **reading,
         )
-        for batch in batches:
+        for batch in itertools.islice(batches, max(steps - position["batch"], 0)):
             set_learning_rate(trainer, position["step"], per_epoch * cfg.train.epochs)  # not max_steps
             step_metrics = train_step(trainer, batch.to(device, non_blocking=True), position["step"])
             position["step"] += 1

@@ -134,11 +134,8 @@ def read_batches(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
-    groups = dataset.row_groups(split)
     rng = np.random.default_rng([seed, epoch])
-    if shuffle:
-        groups = [groups[i] for i in rng.permutation(len(groups))]
-    mine = groups[rank::world_size]
+    mine = rank_row_groups(dataset, split, rank, world_size, rng if shuffle else None)
     build = BatchBuilder(dataset.schema)
     columns = build.columns
     window = shuffle_window if shuffle else 1
@@ -159,6 +156,34 @@ def read_batches(
         pending = frame.slice(num_full) if num_full < frame.height else None
     if pending is not None and not drop_last and start_batch == 0:
         yield build(pending)
+
+
+def rank_row_groups(
+    dataset: Dataset, split: str, rank: int, world_size: int, rng: np.random.Generator | None = None
+) -> list[RowGroup]:
+    """The row groups rank `rank` reads: every world_size-th of the list, permuted by `rng` when shuffling."""
+    groups = dataset.row_groups(split)
+    if rng is not None:
+        groups = [groups[i] for i in rng.permutation(len(groups))]
+    return groups[rank::world_size]
+
+
+def count_batches(
+    dataset: Dataset,
+    split: str,
+    batch_size: int,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    drop_last: bool = False,
+    shuffle: bool = False,
+    seed: int = 0,
+    epoch: int = 0,
+) -> int:
+    """How many batches `read_batches` yields with the same arguments (from the row-group sizes, without reading)."""
+    rng = np.random.default_rng([seed, epoch]) if shuffle else None
+    rows = sum(g.num_rows for g in rank_row_groups(dataset, split, rank, world_size, rng))
+    return rows // batch_size if drop_last else -(-rows // batch_size)
 
 
 def _read_row_group(group: RowGroup, columns: list[str]) -> pl.DataFrame:

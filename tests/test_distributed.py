@@ -1,0 +1,48 @@
+"""Two ranks under torchrun on CPU (gloo) against one rank, on the tiny world (slow: two trainer processes)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from recsys_mtl.config import load_config
+from recsys_mtl.train import train
+
+CONFIG = """dataset = "{dataset}"
+tasks = [{{ name = "ctr" }}, {{ name = "cvr", after = "ctr" }}, {{ name = "rating" }}, {{ name = "reads" }}]
+[text]
+model = "{bert}"
+[model]
+expert_dims = [32, 16]
+tower_dims = [8]
+text_dim = 8
+num_experts = 3
+[train]
+batch_size = 256
+epochs = 2
+"""
+
+
+@pytest.mark.slow
+def test_two_ranks_reach_the_metrics_of_one(text_dataset: Path, tiny_bert: Path, tmp_path: Path) -> None:
+    config = tmp_path / "run.toml"
+    config.write_text(CONFIG.format(dataset=text_dataset, bert=tiny_bert))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "recsys_mtl", "train"]
+    done = subprocess.run(
+        [*command, "--config", str(config), "--out", str(tmp_path / "two"), "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("trained") == 1  # rank 0 reports
+    assert "table_wise" in (tmp_path / "two" / "sharding_plan.txt").read_text()
+    two = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    two_valid = [r for r in two if r["kind"] == "valid"][-1]
+    one = train(load_config(config), tmp_path / "one", torch.device("cpu"), progress=False)
+    assert abs(two_valid["ctr/auc"] - one.valid[-1]["ctr/auc"]) < 0.03
+    assert two_valid["ctr/auc"] > 0.6
