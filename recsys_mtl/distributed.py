@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch import nn
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
+from torchrec.distributed.model_parallel import DefaultDataParallelWrapper
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import ParameterConstraints
 from torchrec.distributed.sharding_plan import get_default_sharders
@@ -85,7 +86,14 @@ def shard_model(model: MultiTaskRanker, cfg: Config, device: torch.device) -> Sh
     topology = Topology(world_size=dist.get_world_size(pg), compute_device=device.type)
     planner = EmbeddingShardingPlanner(topology=topology, constraints=_constraints(model))
     plan = planner.collective_plan(model, get_default_sharders(), pg)
-    sharded = DistributedModelParallel(model, env=ShardingEnv.from_process_group(pg), device=device, plan=plan)
+    sharded = DistributedModelParallel(
+        model,
+        env=ShardingEnv.from_process_group(pg),
+        device=device,
+        plan=plan,
+        # not a static graph: the alternating schedule and frozen parts change which parameters get gradients
+        data_parallel_wrapper=DefaultDataParallelWrapper(static_graph=False, find_unused_parameters=True),
+    )
     dense = {
         name: param
         for name, param in in_backward_optimizer_filter(sharded.named_parameters())

@@ -85,6 +85,10 @@ def train_step(trainer: Trainer, batch: Batch, step: int) -> dict[str, float]:
         "loss" (the scalar that was minimised) and "<task>/loss" (mean over rows whose label counts).
     """
     cfg = trainer.cfg
+    # before the forward pass: DDP's gradient buckets are prepared there, and clearing grads after it loses the sync
+    trainer.sharded.dense_optimizer.zero_grad()
+    if trainer.loss_optimizer is not None:
+        trainer.loss_optimizer.zero_grad()
     if cfg.train.id_dropout > 0:
         generator = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step)  # the same on a resumed run
         sparse = drop_ids(batch.sparse, cfg.train.id_dropout_features, cfg.train.id_dropout, generator)
@@ -96,9 +100,6 @@ def train_step(trainer: Trainer, batch: Batch, step: int) -> dict[str, float]:
         total = total + cfg.loss.tower_l2 * sum(w.float().pow(2).sum() for w in trainer.sharded.module.tower_weights())
     if cfg.loss.weighting == "gradnorm":
         trainer.loss.gradnorm_step(_task_grad_norms(trainer, task_means), task_means.detach())
-    trainer.sharded.dense_optimizer.zero_grad()
-    if trainer.loss_optimizer is not None:
-        trainer.loss_optimizer.zero_grad()
     total.backward()  # also applies the fused row-wise Adagrad to the embedding rows of this batch
     trainer.sharded.dense_optimizer.step()
     if trainer.loss_optimizer is not None:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from recsys_mtl.config import load_config
+from recsys_mtl.evaluate import evaluate_run
 from recsys_mtl.train import train
 
 CONFIG = """dataset = "{dataset}"
@@ -46,3 +47,8 @@ def test_two_ranks_reach_the_metrics_of_one(text_dataset: Path, tiny_bert: Path,
     one = train(load_config(config), tmp_path / "one", torch.device("cpu"), progress=False)
     assert abs(two_valid["ctr/auc"] - one.valid[-1]["ctr/auc"]) < 0.03
     assert two_valid["ctr/auc"] > 0.6
+    # the best 2-rank checkpoint loads on 1 rank and predicts exactly as the 2 ranks did
+    best = max((r for r in two if r["kind"] == "valid"), key=lambda r: r["ctr/auc"])
+    reloaded = evaluate_run(tmp_path / "two", "valid", torch.device("cpu"))
+    assert reloaded["ctr/auc"] == pytest.approx(best["ctr/auc"], abs=1e-9)
+    assert reloaded["rating/rmse"] == pytest.approx(best["rating/rmse"], rel=1e-6)

@@ -48,7 +48,8 @@ class MultiTaskRanker(nn.Module):
     ) -> None:
         super().__init__()
         self.task_names = cfg.task_names
-        self.num_sparse = len(schema.sparse_features)
+        self.sparse_names = [f.name for f in schema.sparse_features]
+        self.num_sparse = len(self.sparse_names)
         self.ebc = build_ebc(schema, device or torch.device("meta"))
         self.text_names = [t.name for t in schema.texts] if cfg.model.text_dim > 0 else []
         self.text_ebc = None
@@ -88,7 +89,8 @@ class MultiTaskRanker(nn.Module):
 
     def forward(self, batch: Batch) -> RankerOutput:
         sparse_kjt = batch.sparse.split([self.num_sparse, len(batch.sparse.keys()) - self.num_sparse])[0]
-        parts = [self.ebc(sparse_kjt).values(), *self.text_features(batch)]  # [B, F * D_emb], T_text x [B, D]
+        pooled = self.ebc(sparse_kjt).to_dict()  # feature -> [B, D_emb]; a sharded EBC orders its output by shard
+        parts = [*(pooled[name] for name in self.sparse_names), *self.text_features(batch)]
         if self.dense_mlp is not None:
             parts.append(self.dense_mlp(batch.dense))  # [B, D_dense]
         features = torch.cat(parts, dim=1)  # [B, D_in]
