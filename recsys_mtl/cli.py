@@ -61,10 +61,17 @@ def _encode_text(args: argparse.Namespace) -> None:
     print(f"encoded texts of {args.dataset} with {cfg.model} ({cfg.dtype}): {done}")
 
 
+def _device(name: str):
+    """The torch device; under torchrun, "cuda" means this rank's own GPU (LOCAL_RANK)."""
+    import torch
+
+    if name == "cuda" and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return torch.device(name)
+
+
 def _train(args: argparse.Namespace) -> None:
     import dataclasses
-
-    import torch
 
     from recsys_mtl.config import load_config
     from recsys_mtl.distributed import destroy_process_group
@@ -77,7 +84,7 @@ def _train(args: argparse.Namespace) -> None:
     cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
     failed = True
     try:
-        result = train(cfg, run_dir, torch.device(args.device), resume=args.resume, progress=not args.quiet)
+        result = train(cfg, run_dir, _device(args.device), resume=args.resume, progress=not args.quiet)
         failed = False
     finally:
         destroy_process_group(failed)
@@ -89,14 +96,13 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    import torch
 
     from recsys_mtl.distributed import destroy_process_group
     from recsys_mtl.evaluate import evaluate_run
 
     failed = True
     try:
-        metrics = evaluate_run(args.run_dir, args.split, torch.device(args.device), tuple(args.baselines))
+        metrics = evaluate_run(args.run_dir, args.split, _device(args.device), tuple(args.baselines))
         failed = False
     finally:
         destroy_process_group(failed)

@@ -59,12 +59,16 @@ def test_fused_update_changes_only_the_embedding_rows_of_the_batch(text_dataset:
     assert changed.tolist() == sorted(set(batch.sparse["user_id"].values().tolist()))
 
 
+def _steps(trainer: Trainer, dataset: Dataset, num_steps: int) -> None:
+    for step, batch in enumerate(read_batches(dataset, "train", 512)):
+        if step == num_steps:
+            break
+        train_step(trainer, batch, step)
+
+
 def test_uncertainty_weights_move(text_dataset: Path, tiny_bert: Path) -> None:
     trainer, dataset = _trainer(text_dataset, tiny_bert, loss={"weighting": "uncertainty"})
-    for step, batch in enumerate(read_batches(dataset, "train", 512)):
-        train_step(trainer, batch, step)
-        if step == 5:
-            break
+    _steps(trainer, dataset, 6)
     log_vars = trainer.loss.log_vars.detach()
     assert (log_vars.abs() > 1e-3).all()
     assert not torch.allclose(log_vars[0], log_vars[2])
@@ -122,10 +126,7 @@ def test_any_subset_of_tasks_trains(text_dataset: Path, tiny_bert: Path, tasks: 
 
 def test_gradnorm_moves_task_weights_and_keeps_their_sum(text_dataset: Path, tiny_bert: Path) -> None:
     trainer, dataset = _trainer(text_dataset, tiny_bert, loss={"weighting": "gradnorm"})
-    for step, batch in enumerate(read_batches(dataset, "train", 512)):
-        train_step(trainer, batch, step)
-        if step == 4:
-            break
+    _steps(trainer, dataset, 5)
     weights = trainer.loss.gradnorm_weights
     assert weights.sum().item() == pytest.approx(4.0)
     assert not torch.allclose(weights, torch.ones(4))
