@@ -11,6 +11,8 @@ from recsys_mtl.files import atomic_write_text
 from recsys_mtl.structs import from_mapping, read_toml, to_mapping
 
 Freezable = Literal["shared", "text_projection", "bert"]
+# row_wise needs nccl (GPU); on gloo: table_wise, column_wise, table_column_wise, data_parallel
+Sharding = Literal["table_wise", "column_wise", "row_wise", "table_column_wise", "data_parallel"]
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run_dir: str = ""  # where checkpoints, logs and reports go (`train --out` overrides)
+    sharding: dict[str, Sharding] = field(default_factory=dict)  # table -> how the planner must shard it
 
     def __post_init__(self) -> None:
         names = [t.name for t in self.tasks]

@@ -63,15 +63,24 @@ class ShardedRanker:
         return self.model.module
 
 
-def _constraints(model: MultiTaskRanker) -> dict[str, ParameterConstraints]:
-    fused = [EmbeddingComputeKernel.FUSED.value]
+def _constraints(model: MultiTaskRanker, cfg: Config) -> dict[str, ParameterConstraints]:
+    """Every table on the fused kernel, table-wise unless `cfg.sharding` says otherwise (data-parallel: dense kernel).
+
+    Raises:
+        KeyError: `cfg.sharding` names a table the model does not have.
+    """
     names = [c.name for c in model.ebc.embedding_bag_configs()]
     if model.text_ebc is not None:
         names += [c.name for c in model.text_ebc.embedding_bag_configs()]
-    return {
-        name: ParameterConstraints(sharding_types=[ShardingType.TABLE_WISE.value], compute_kernels=fused)
-        for name in names
-    }
+    unknown = sorted(set(cfg.sharding) - set(names))
+    if unknown:
+        raise KeyError(f"sharding names unknown tables {unknown}; the tables are {names}")
+    constraints = {}
+    for name in names:
+        sharding = cfg.sharding.get(name, ShardingType.TABLE_WISE.value)
+        kernel = EmbeddingComputeKernel.DENSE if sharding == "data_parallel" else EmbeddingComputeKernel.FUSED
+        constraints[name] = ParameterConstraints(sharding_types=[sharding], compute_kernels=[kernel.value])
+    return constraints
 
 
 def shard_model(model: MultiTaskRanker, cfg: Config, device: torch.device) -> ShardedRanker:
@@ -84,7 +93,7 @@ def shard_model(model: MultiTaskRanker, cfg: Config, device: torch.device) -> Sh
     apply_optimizer_in_backward(RowWiseAdagrad, model.ebc.parameters(), {"lr": cfg.optim.embedding_lr})
     _freeze(model, cfg)
     topology = Topology(world_size=dist.get_world_size(pg), compute_device=device.type)
-    planner = EmbeddingShardingPlanner(topology=topology, constraints=_constraints(model))
+    planner = EmbeddingShardingPlanner(topology=topology, constraints=_constraints(model, cfg))
     plan = planner.collective_plan(model, get_default_sharders(), pg)
     sharded = DistributedModelParallel(
         model,

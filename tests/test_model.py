@@ -138,3 +138,21 @@ def test_bf16_autocast_step_keeps_fp32_losses(text_dataset: Path, tiny_bert: Pat
     metrics = train_step(trainer, batch, step=0)
     assert torch.isfinite(torch.tensor(metrics["loss"]))
     assert all(v.dtype == torch.float32 for v in predict_batch(trainer, batch).values())
+
+
+def test_sharding_per_table_follows_the_config(text_dataset: Path, tiny_bert: Path) -> None:
+    trainer, dataset = _trainer(text_dataset, tiny_bert, sharding={"item": "column_wise", "city": "data_parallel"})
+    plan = str(trainer.sharded.plan)
+    rows: dict[str, str] = {}
+    for line in plan.splitlines():  # the first table of the plan: sharding type and kernel per table
+        if "|" in line:
+            rows.setdefault(line.split("|")[0].strip(), line)
+    assert "column_wise" in rows["item"]
+    assert "fused" in rows["item"]
+    assert "data_parallel" in rows["city"]
+    assert "table_wise" in rows["user"]
+    before = read_table(trainer.model, "city")
+    train_step(trainer, _batch(dataset), step=0)
+    assert (read_table(trainer.model, "city") != before).any()  # data-parallel tables are trained too
+    with pytest.raises(KeyError, match="sharding names unknown tables"):
+        _trainer(text_dataset, tiny_bert, sharding={"nope": "table_wise"})
