@@ -41,6 +41,11 @@ def init_process_group(device: torch.device) -> dist.ProcessGroup:
     return dist.group.WORLD
 
 
+def world() -> tuple[int, int]:
+    """(rank, world size) of this process; (0, 1) outside a process group."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
 def destroy_process_group(failed: bool = False) -> None:
     """Leave the process group after every rank has arrived (a bare destroy could abort peers mid-collective).
 

@@ -15,12 +15,13 @@ from recsys_mtl.checkpoint import fingerprint, load_checkpoint, read_progress
 from recsys_mtl.config import load_config
 from recsys_mtl.data.batch import Batch
 from recsys_mtl.data.loader import Dataset, count_batches, read_batches
+from recsys_mtl.distributed import world
 from recsys_mtl.files import atomic_write_text
 from recsys_mtl.metrics import auc, task_metrics
 from recsys_mtl.model.losses import TaskSpec, predict
 from recsys_mtl.model.ranker import RankerOutput
 from recsys_mtl.report import write_report
-from recsys_mtl.trainer import Trainer, build_trainer
+from recsys_mtl.trainer import Trainer, build_trainer, forward
 
 CALIBRATION_BINS = 10
 COLD_FEATURE = "item_id"  # rows whose item was never seen in training (unknown id 0) give the `auc_cold` metrics
@@ -36,11 +37,6 @@ class SplitPredictions:
     keys: pl.DataFrame
     gate_weights: Tensor
     cold: Tensor | None  # [N] bool: the COLD_FEATURE id is unknown (0); None without that feature
-
-
-def world() -> tuple[int, int]:
-    """(rank, world size) of this process; (0, 1) outside a process group."""
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
 @torch.no_grad()
@@ -61,10 +57,9 @@ def predict_split(trainer: Trainer, dataset: Dataset, split: str, batch_size: in
             batch = next(batches, None)
             recorded = batch is not None
             if batch is None:  # out of rows (or none at all): a placeholder batch, not recorded
-                batch = last if last is not None else next(read_batches(dataset, split, batch_size)).to(trainer.device)
+                batch = last if last is not None else next(read_batches(dataset, split, batch_size))
             batch = last = batch.to(trainer.device)
-            with torch.autocast(trainer.device.type, dtype=torch.bfloat16, enabled=trainer.cfg.train.bf16):
-                output = trainer.model(batch)
+            output = forward(trainer, batch)
             if recorded:
                 parts.append(_part(trainer, batch, output))
     finally:

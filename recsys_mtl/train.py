@@ -8,12 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from recsys_mtl.checkpoint import fingerprint, load_checkpoint, read_progress, save_checkpoint
 from recsys_mtl.config import Config
 from recsys_mtl.data.loader import Dataset, count_batches, read_batches
+from recsys_mtl.distributed import world
 from recsys_mtl.evaluate import split_metrics
 from recsys_mtl.files import atomic_write_text
 from recsys_mtl.metrics import better
@@ -88,7 +88,7 @@ def train(cfg: Config, run_dir: Path, device: torch.device, resume: bool = False
     run_dir = Path(run_dir)
     dataset = Dataset(cfg.dataset)
     trainer = build_trainer(cfg, dataset, device)
-    rank, world_size = dist.get_rank(), dist.get_world_size()
+    rank, world_size = world()
     expected = fingerprint(cfg, dataset.schema)
     checkpoints = run_dir / "checkpoints"
     position = {"step": 0, "epoch": 0, "batch": 0, "best": None, "stale": 0, "fingerprint": expected}
