@@ -5,16 +5,27 @@ streams through. Vocabularies and dense statistics come from the train split onl
 temporary folder, checked against its schema, and renamed into place.
 """
 
-import hashlib
 import logging
-from collections.abc import Callable
 from pathlib import Path
 
 import polars as pl
+import tomli_w
 
 from data_prep.description import Description, FeatureDesc, LabelDesc, TextDesc
+from data_prep.encode import (
+    DESCRIPTION_FILE,
+    Encoder,
+    feature_encoders,
+    features_by_table,
+    find_files,
+    raw_values,
+    scan_raw,
+    shard_columns,
+    table_dtype,
+    text_encoder,
+    unique_side_table,
+)
 from recsys_mtl.data.schema import (
-    KEY_PREFIX,
     SPLITS,
     FeatureSpec,
     LabelSpec,
@@ -25,11 +36,11 @@ from recsys_mtl.data.schema import (
     TextSpec,
     check_dataset,
 )
-from recsys_mtl.files import atomic_dir
+from recsys_mtl.files import atomic_dir, atomic_write_text
+from recsys_mtl.structs import to_mapping
 
 log = logging.getLogger(__name__)
-SPLIT, FILE, ENCODED = "__split", "__file", "__encoded_"
-Encoder = Callable[[pl.LazyFrame], pl.LazyFrame]  # adds the column ENCODED + feature name
+SPLIT, FILE = "__split", "__file"
 TEXT_SEPARATOR = ". "
 
 
@@ -50,7 +61,8 @@ def prepare(raw: Path, out: Path, desc: Description, overwrite: bool = False) ->
     train = rows.filter(pl.col(SPLIT) == "train")
     with atomic_dir(out, overwrite) as tmp:
         log.info("building vocabularies from the train split")
-        tables, encoders = _build_tables(train, desc, tmp / "vocab")
+        tables, vocabs = _build_tables(train, desc, tmp / "vocab")
+        encoders = feature_encoders(desc, {t.name: t for t in tables}, vocabs, train.collect_schema())
         log.info("writing text tables")
         texts = [_build_text(raw, rows, text, desc, tmp / "text", encoders) for text in desc.texts]
         dense = _dense_stats(train, [f for f in desc.features if f.kind == "dense"])
@@ -60,18 +72,7 @@ def prepare(raw: Path, out: Path, desc: Description, overwrite: bool = False) ->
         encoded = rows
         for encode in encoders.values():
             encoded = encode(encoded)
-        encoded = encoded.select(
-            pl.col(SPLIT),
-            *(
-                pl.col(f.source).cast(pl.Float32).alias(f.name)
-                if f.kind == "dense"
-                else pl.col(ENCODED + f.name).alias(f.name)
-                for f in desc.features
-            ),
-            *(pl.col(ENCODED + t.name).alias(t.name) for t in desc.texts),
-            *(pl.col(label.source).cast(pl.Float32).alias(label.name) for label in desc.labels),
-            *(pl.col(key).alias(KEY_PREFIX + key) for key in desc.keys),
-        )
+        encoded = encoded.select(pl.col(SPLIT), *shard_columns(desc))
         splits = {split: _sink_split(encoded, split, tmp, desc) for split in SPLITS}
         schema = Schema(
             name=desc.name,
@@ -88,6 +89,7 @@ def prepare(raw: Path, out: Path, desc: Description, overwrite: bool = False) ->
             oracle=_oracle(raw, desc),
         )
         schema.save(tmp)
+        atomic_write_text(tmp / DESCRIPTION_FILE, tomli_w.dumps(to_mapping(desc)))  # to encode raw rows for scoring
         check_dataset(tmp, schema)
     log.info("prepared %s: %s", out, ", ".join(f"{s} {splits[s].num_rows:,} rows" for s in SPLITS))
     return schema
@@ -96,7 +98,7 @@ def prepare(raw: Path, out: Path, desc: Description, overwrite: bool = False) ->
 def _oracle(raw: Path, desc: Description) -> OracleSpec | None:
     if desc.oracle is None:
         return None
-    files = _files(raw, desc.oracle.path)
+    files = find_files(raw, desc.oracle.path)
     names = pl.read_parquet_schema(files[0])
     missing = [c for c in (desc.oracle.key, *desc.oracle.columns.values()) if c not in names]
     if missing:
@@ -104,50 +106,32 @@ def _oracle(raw: Path, desc: Description) -> OracleSpec | None:
     return OracleSpec(files=tuple(str(f.resolve()) for f in files), key=desc.oracle.key, columns=desc.oracle.columns)
 
 
-def _files(raw: Path, pattern: str) -> list[Path]:
-    files = sorted(raw.glob(pattern)) if any(c in pattern for c in "*?[") else [raw / pattern]
-    files = [f for f in files if f.is_file()]
-    if not files:
-        raise FileNotFoundError(f"no raw file matches {pattern!r} under {raw}")
-    return files
-
-
-def _scan(files: list[Path], desc: Description, file_column: str | None = None) -> pl.LazyFrame:
-    suffixes = {f.suffix for f in files}
-    if suffixes == {".parquet"}:
-        return pl.scan_parquet(files, include_file_paths=file_column)
-    if suffixes <= {".csv", ".tsv"}:
-        separator = "\t" if suffixes == {".tsv"} else ","
-        nulls = list(desc.csv_null_values) or None
-        return pl.scan_csv(files, separator=separator, null_values=nulls, include_file_paths=file_column)
-    raise ValueError(f"raw files must be .parquet, .csv or .tsv, got {sorted(suffixes)} in {files[0].parent}")
-
-
 def _scan_rows(raw: Path, desc: Description) -> pl.LazyFrame:
     """The raw rows with side tables joined and a split column (train / valid / test)."""
     split = desc.split
     if split.method == "files":
         rows = pl.concat(
-            [_scan(_files(raw, split.files[s]), desc, FILE).with_columns(pl.lit(s).alias(SPLIT)) for s in SPLITS],
+            [
+                scan_raw(find_files(raw, split.files[s]), desc, FILE).with_columns(pl.lit(s).alias(SPLIT))
+                for s in SPLITS
+            ],
             how="vertical_relaxed",
         )
     else:
-        files = [f for pattern in desc.rows for f in _files(raw, pattern)]
-        rows = _scan(files, desc, FILE)
+        files = [f for pattern in desc.rows for f in find_files(raw, pattern)]
+        rows = scan_raw(files, desc, FILE)
     if desc.rename:
         rows = rows.rename(desc.rename)
     for join in desc.joins:
-        path = _files(raw, join.path)
-        side = _scan(path, desc)
+        path = find_files(raw, join.path)
+        side = scan_raw(path, desc)
         names = side.collect_schema().names()
         missing = [c for c in (join.on, *join.columns) if c not in names]
         if missing:
             raise ValueError(f"{path[0]}: column {missing[0]!r} named by the join on {join.on!r} is missing")
         if rows.select(join.on).collect_schema().get(join.on) is None:
             raise ValueError(f"join on {join.on!r}: the raw rows have no column {join.on!r}")
-        side = side.select(join.on, *join.columns)
-        if side.select(pl.col(join.on).is_duplicated().any()).collect().item():
-            raise ValueError(f"{path[0]}: join key {join.on!r} is not unique, so the join would repeat rows")
+        side = unique_side_table(side.select(join.on, *join.columns), join.on, path[0])
         rows = rows.join(side, on=join.on, how="left", maintain_order="left")
     if split.method == "time":
         cuts = rows.select(
@@ -215,89 +199,32 @@ def _check_labels(rows: pl.LazyFrame, labels: tuple[LabelDesc, ...]) -> None:
             )
 
 
-def _values(f: FeatureDesc) -> pl.Expr:
-    """The raw values of an id / multi-hot feature; multi-hot as a list."""
-    column = pl.col(f.source)
-    return column.cast(pl.String).str.split(f.separator) if f.separator is not None else column
-
-
-def _bucket(values: pl.Series, buckets: int) -> pl.Series:
-    """Stable hashing (blake2b of the value's text) into rows 1..buckets; null -> 0."""
-    uniq = values.drop_nulls().unique()
-    index = [int.from_bytes(hashlib.blake2b(str(v).encode(), digest_size=8).digest(), "little") for v in uniq]
-    return values.replace_strict(uniq, [i % buckets + 1 for i in index], default=0, return_dtype=pl.Int64)
-
-
-def _join_encoder(source: pl.Expr, mapping: pl.DataFrame, name: str) -> Encoder:
-    """Encode by a left join on `mapping` (value -> index; unmatched -> 0): a join streams, a replace does not."""
-    right = mapping.lazy().select(pl.col("value").alias("__value"), pl.col("index").alias(ENCODED + name))
-
-    def encode(lf: pl.LazyFrame) -> pl.LazyFrame:
-        lf = lf.with_columns(source.alias("__value")).join(right, on="__value", how="left", maintain_order="left")
-        return lf.drop("__value").with_columns(pl.col(ENCODED + name).fill_null(0))
-
-    return encode
-
-
-def _column_encoder(expr: pl.Expr, name: str) -> Encoder:
-    return lambda lf: lf.with_columns(expr.alias(ENCODED + name))
-
-
 def _build_tables(
     train: pl.LazyFrame, desc: Description, vocab_dir: Path
-) -> tuple[list[TableSpec], dict[str, Encoder]]:
-    """One embedding table per distinct `table` of the id / multi-hot features, and each feature's encoder."""
+) -> tuple[list[TableSpec], dict[str, pl.DataFrame]]:
+    """One embedding table per distinct `table` of the id / multi-hot features; the vocabularies, also written to
+    `vocab_dir/<table>.parquet` (value, index)."""
     vocab_dir.mkdir()
-    by_table: dict[str, list[FeatureDesc]] = {}
-    for f in desc.features:
-        if f.kind != "dense":
-            by_table.setdefault(f.table or f.name, []).append(f)
     schema = train.collect_schema()
-    tables, encoders = [], {}
-    for name, features in by_table.items():
+    tables, vocabs = [], {}
+    for name, features in features_by_table(desc).items():
         opts = desc.table_options(name)
         dim = opts.embedding_dim or desc.embedding_dim
-        dtypes = {
-            schema[f.source].inner if isinstance(schema[f.source], pl.List) else schema[f.source] for f in features
-        }
-        dtypes = {pl.String} if any(f.separator is not None for f in features) else dtypes
-        dtype = dtypes.pop() if len(dtypes) == 1 else pl.String
         if opts.hash_buckets:
-            tables.append(
-                TableSpec(name=name, num_embeddings=opts.hash_buckets + 1, embedding_dim=dim, encoding="hash")
-            )
-            buckets = opts.hash_buckets
-
-            def lookup(values: pl.Expr, buckets: int = buckets) -> pl.Expr:
-                return values.map_batches(lambda s: _bucket(s, buckets), return_dtype=pl.Int64)
-
+            tables.append(TableSpec(name, num_embeddings=opts.hash_buckets + 1, embedding_dim=dim, encoding="hash"))
         else:
-            vocab = _vocabulary(train, features, dtype, opts.min_count)
+            vocab = _vocabulary(train, features, table_dtype(features, schema), opts.min_count)
             vocab.write_parquet(vocab_dir / f"{name}.parquet")
-            tables.append(TableSpec(name=name, num_embeddings=vocab.height + 1, embedding_dim=dim))
-
-            def lookup(values: pl.Expr, vocab: pl.DataFrame = vocab) -> pl.Expr:
-                return values.replace_strict(vocab["value"], vocab["index"], default=0, return_dtype=pl.Int64)
-
-        for f in features:
-            values = _values(f)
-            if f.kind == "multi_hot":
-                empty = pl.lit([], pl.List(pl.Int64))
-                encoders[f.name] = _column_encoder(
-                    values.list.eval(lookup(pl.element().cast(dtype))).fill_null(empty), f.name
-                )
-            elif opts.hash_buckets:
-                encoders[f.name] = _column_encoder(lookup(values.cast(dtype)), f.name)
-            else:
-                encoders[f.name] = _join_encoder(values.cast(dtype), vocab, f.name)
-    return tables, encoders
+            vocabs[name] = vocab
+            tables.append(TableSpec(name, num_embeddings=vocab.height + 1, embedding_dim=dim))
+    return tables, vocabs
 
 
 def _vocabulary(train: pl.LazyFrame, features: list[FeatureDesc], dtype: pl.DataType, min_count: int) -> pl.DataFrame:
     """value -> index (1.., most frequent first, ties by value), for values seen >= min_count times in train."""
     parts = []
     for f in features:
-        values = _values(f)
+        values = raw_values(f)
         values = values.explode() if f.kind == "multi_hot" else values
         parts.append(train.select(values.cast(dtype).alias("value")))
     counts = pl.concat(parts).drop_nulls().group_by("value").agg(pl.len().alias("count"))
@@ -313,8 +240,8 @@ def _build_text(
     if text.path is None:
         source = rows
     else:
-        path = _files(raw, text.path)
-        source = _scan(path, desc)
+        path = find_files(raw, text.path)
+        source = scan_raw(path, desc)
         missing = [c for c in (text.key, *text.columns) if c not in source.collect_schema()]
         if missing:
             raise ValueError(f"{path[0]}: column {missing[0]!r} of text {text.name!r} is missing")
@@ -329,8 +256,7 @@ def _build_text(
         .with_columns(pl.col("id").cast(pl.Int64))
     )
     table.write_parquet(text_dir / f"{text.name}.parquet")
-    mapping = table.select(pl.col("key").alias("value"), pl.col("id").alias("index"))
-    encoders[text.name] = _join_encoder(pl.col(text.key).cast(mapping["value"].dtype), mapping, text.name)
+    encoders[text.name] = text_encoder(text.key, table, text.name)
     return TextSpec(name=text.name, key=text.key, num_texts=table.height + 1)
 
 

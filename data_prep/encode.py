@@ -1,0 +1,220 @@
+"""Raw rows -> shard rows: the encoding of ids, multi-hot lists and text keys, shared by `prepare` and by scoring.
+
+`prepare` builds the vocabularies from the train split and encodes every split with these encoders; `RawEncoder`
+rebuilds the same encoders from a prepared dataset's saved `vocab/`, `text/` and `description.toml`, so that raw rows
+arriving later (to be scored) are encoded exactly as the training rows were: unseen ids go to the unknown row 0.
+"""
+
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+
+import polars as pl
+
+from data_prep.description import Description, FeatureDesc, load_description
+from recsys_mtl.data.schema import KEY_PREFIX, Schema, TableSpec
+
+ENCODED = "__encoded_"
+DESCRIPTION_FILE = "description.toml"
+Encoder = Callable[[pl.LazyFrame], pl.LazyFrame]  # adds the column ENCODED + feature name
+
+
+def raw_values(f: FeatureDesc) -> pl.Expr:
+    """The raw values of an id / multi-hot feature; multi-hot as a list."""
+    column = pl.col(f.source)
+    return column.cast(pl.String).str.split(f.separator) if f.separator is not None else column
+
+
+def features_by_table(desc: Description) -> dict[str, list[FeatureDesc]]:
+    """The id and multi-hot features of each embedding table."""
+    by_table: dict[str, list[FeatureDesc]] = {}
+    for f in desc.features:
+        if f.kind != "dense":
+            by_table.setdefault(f.table or f.name, []).append(f)
+    return by_table
+
+
+def table_dtype(features: list[FeatureDesc], schema: pl.Schema) -> pl.DataType:
+    """The dtype a table's raw values are compared in: theirs when all its features agree, else String."""
+    if any(f.separator is not None for f in features):
+        return pl.String()
+    dtypes = {schema[f.source].inner if isinstance(schema[f.source], pl.List) else schema[f.source] for f in features}
+    return dtypes.pop() if len(dtypes) == 1 else pl.String()
+
+
+def bucket(values: pl.Series, buckets: int) -> pl.Series:
+    """Stable hashing (blake2b of the value's text) into rows 1..buckets; null -> 0."""
+    uniq = values.drop_nulls().unique()
+    index = [int.from_bytes(hashlib.blake2b(str(v).encode(), digest_size=8).digest(), "little") for v in uniq]
+    return values.replace_strict(uniq, [i % buckets + 1 for i in index], default=0, return_dtype=pl.Int64)
+
+
+def join_encoder(source: pl.Expr, mapping: pl.DataFrame, name: str) -> Encoder:
+    """Encode by a left join on `mapping` (value -> index; unmatched -> 0): a join streams, a replace does not."""
+    right = mapping.lazy().select(pl.col("value").alias("__value"), pl.col("index").alias(ENCODED + name))
+
+    def encode(lf: pl.LazyFrame) -> pl.LazyFrame:
+        lf = lf.with_columns(source.alias("__value")).join(right, on="__value", how="left", maintain_order="left")
+        return lf.drop("__value").with_columns(pl.col(ENCODED + name).fill_null(0))
+
+    return encode
+
+
+def feature_encoders(
+    desc: Description, tables: dict[str, TableSpec], vocabs: dict[str, pl.DataFrame], schema: pl.Schema
+) -> dict[str, Encoder]:
+    """The encoder of every id / multi-hot feature.
+
+    Args:
+        tables: table name -> spec (its encoding: "vocab" or "hash" into num_embeddings - 1 buckets).
+        vocabs: vocabulary table name -> frame (value, index).
+        schema: the raw rows' polars schema (the dtype hashed values are compared in).
+    """
+    encoders: dict[str, Encoder] = {}
+    for name, features in features_by_table(desc).items():
+        spec = tables[name]
+        if spec.encoding == "hash":
+            dtype = table_dtype(features, schema)
+
+            def lookup(values: pl.Expr, buckets: int = spec.num_embeddings - 1) -> pl.Expr:
+                return values.map_batches(lambda s: bucket(s, buckets), return_dtype=pl.Int64)
+
+        else:
+            vocab = vocabs[name]
+            dtype = vocab["value"].dtype
+
+            def lookup(values: pl.Expr, vocab: pl.DataFrame = vocab) -> pl.Expr:
+                return values.replace_strict(vocab["value"], vocab["index"], default=0, return_dtype=pl.Int64)
+
+        for f in features:
+            values = raw_values(f)
+            if f.kind == "multi_hot":
+                expr = values.list.eval(lookup(pl.element().cast(dtype))).fill_null(pl.lit([], pl.List(pl.Int64)))
+            elif spec.encoding == "hash":
+                expr = lookup(values.cast(dtype))
+            else:
+                encoders[f.name] = join_encoder(values.cast(dtype), vocabs[name], f.name)
+                continue
+            encoders[f.name] = lambda lf, expr=expr, name=f.name: lf.with_columns(expr.alias(ENCODED + name))
+    return encoders
+
+
+def text_encoder(key: str, table: pl.DataFrame, name: str) -> Encoder:
+    """Raw text key column -> row of the text table (id, key, text); keys without a text -> 0."""
+    mapping = table.select(pl.col("key").alias("value"), pl.col("id").alias("index"))
+    return join_encoder(pl.col(key).cast(mapping["value"].dtype), mapping, name)
+
+
+def shard_columns(desc: Description) -> list[pl.Expr]:
+    """The shard columns, in order, from encoded raw rows (see recsys_mtl.data.schema)."""
+    return [
+        *(_feature_column(f).alias(f.name) for f in desc.features),
+        *(pl.col(ENCODED + t.name).alias(t.name) for t in desc.texts),
+        *(pl.col(label.source).cast(pl.Float32).alias(label.name) for label in desc.labels),
+        *(pl.col(key).alias(KEY_PREFIX + key) for key in desc.keys),
+    ]
+
+
+def find_files(raw: Path, pattern: str) -> list[Path]:
+    """The files under `raw` that `pattern` (a name or a glob) names.
+
+    Raises:
+        FileNotFoundError: none.
+    """
+    files = sorted(raw.glob(pattern)) if any(c in pattern for c in "*?[") else [raw / pattern]
+    files = [f for f in files if f.is_file()]
+    if not files:
+        raise FileNotFoundError(f"no raw file matches {pattern!r} under {raw}")
+    return files
+
+
+def scan_raw(files: list[Path], desc: Description, file_column: str | None = None) -> pl.LazyFrame:
+    """Parquet, csv or tsv files as one lazy frame (csv nulls as the description says)."""
+    suffixes = {f.suffix for f in files}
+    if suffixes == {".parquet"}:
+        return pl.scan_parquet(files, include_file_paths=file_column)
+    if suffixes <= {".csv", ".tsv"}:
+        separator = "\t" if suffixes == {".tsv"} else ","
+        nulls = list(desc.csv_null_values) or None
+        return pl.scan_csv(files, separator=separator, null_values=nulls, include_file_paths=file_column)
+    raise ValueError(f"raw files must be .parquet, .csv or .tsv, got {sorted(suffixes)} in {files[0].parent}")
+
+
+def _feature_column(f: FeatureDesc) -> pl.Expr:
+    return pl.col(f.source).cast(pl.Float32) if f.kind == "dense" else pl.col(ENCODED + f.name)
+
+
+def unique_side_table(side: pl.LazyFrame, on: str, path: Path) -> pl.LazyFrame:
+    """`side` itself, after checking that its join key is unique (else a left join would repeat rows)."""
+    if side.select(pl.col(on).is_duplicated().any()).collect().item():
+        raise ValueError(f"{path}: join key {on!r} is not unique, so the join would repeat rows")
+    return side
+
+
+class RawEncoder:
+    """Raw rows -> shard rows of a prepared dataset, with its saved vocabularies: `encoder(df, source)`.
+
+    The rows look like the description's row files. Side-table columns already in the rows are used as they are;
+    missing ones are joined from the side tables under `side_dir` (default: the raw folder the dataset was prepared
+    from). Labels are optional (absent ones are null); features, text keys and key columns are required.
+    """
+
+    def __init__(self, folder: Path | str, side_dir: Path | str | None = None) -> None:
+        folder = Path(folder)
+        path = folder / DESCRIPTION_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: prepare the dataset again to score raw rows with it")
+        self.desc = load_description(path)
+        self.schema = Schema.load(folder)
+        self.side_dir = Path(side_dir) if side_dir is not None else Path(self.schema.source)
+        self.tables = {t.name: t for t in self.schema.tables}
+        self.vocabs = {
+            t.name: pl.read_parquet(folder / "vocab" / f"{t.name}.parquet")
+            for t in self.schema.tables
+            if t.encoding == "vocab"
+        }
+        self.text_encoders = [
+            text_encoder(t.key, pl.read_parquet(folder / "text" / f"{t.name}.parquet"), t.name) for t in self.desc.texts
+        ]
+        self._sides: dict[str, pl.DataFrame] = {}
+
+    def __call__(self, df: pl.DataFrame, source: str) -> pl.DataFrame:
+        """Encode raw rows `df` (read from `source`, named in errors): the same rows, in order, as shard columns.
+
+        Raises:
+            FileNotFoundError: a side table needed for missing columns is not under `side_dir`.
+            ValueError: a feature, text key or key column is missing.
+        """
+        desc = self.desc
+        df = df.rename({k: v for k, v in desc.rename.items() if k in df.columns})
+        lf = df.lazy()
+        for join in desc.joins:
+            wanted = [c for c in join.columns if c not in df.columns]
+            if wanted and join.on not in lf.collect_schema():
+                raise ValueError(f"{source}: column {join.on!r} (to join {wanted} from {join.path}) is missing")
+            if wanted:
+                side = self._side(join.path, join.on, wanted, source)
+                lf = lf.join(side, on=join.on, how="left", maintain_order="left")
+        available = lf.collect_schema()
+        needed = [(f.source, f"feature {f.name!r}") for f in desc.features]
+        needed += [(t.key, f"text {t.name!r} key") for t in desc.texts] + [(k, "key") for k in desc.keys]
+        for column, role in needed:
+            if column not in available:
+                raise ValueError(f"{source}: column {column!r} ({role}) is missing; the rows have {sorted(available)}")
+        absent = [label.source for label in desc.labels if label.source not in available]
+        lf = lf.with_columns(pl.lit(None, pl.Float32).alias(c) for c in absent)
+        for encode in [*feature_encoders(desc, self.tables, self.vocabs, available).values(), *self.text_encoders]:
+            lf = encode(lf)
+        return lf.select(shard_columns(desc)).collect()
+
+    def _side(self, pattern: str, on: str, columns: list[str], source: str) -> pl.LazyFrame:
+        if pattern not in self._sides:
+            try:
+                files = find_files(self.side_dir, pattern)
+            except FileNotFoundError:
+                raise FileNotFoundError(
+                    f"{source}: columns {columns} are missing, and the side table {pattern!r} to join them from is "
+                    f"not under {self.side_dir} (pass the raw folder that has it)"
+                ) from None
+            self._sides[pattern] = unique_side_table(scan_raw(files, self.desc), on, files[0]).collect()
+        return self._sides[pattern].lazy().select(on, *columns)
