@@ -5,7 +5,7 @@ import polars as pl
 import pytest
 import torch
 
-from recsys_mtl.data.loader import Dataset, read_batches
+from recsys_mtl.data.loader import Dataset, count_batches, read_batches
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,11 @@ def test_ranks_read_every_row_exactly_once(dataset: Dataset, world_size: int, sh
     everything = [i for part in parts for i in part]
     assert len(everything) == len(set(everything)) == dataset.num_rows("train")
     assert set(everything) == set(pl.read_parquet(dataset.folder / "train")["key_impression_id"])
-    assert all(len(part) > 0 for part in parts)
+    sizes = [len(part) for part in parts]
+    assert max(sizes) - min(sizes) <= 1  # boundary row groups are split by rows
+    assert [count_batches(dataset, "train", 700, rank=r, world_size=world_size) for r in range(world_size)] == [
+        math.ceil(size / 700) for size in sizes
+    ]
 
 
 def test_shuffle_is_seeded_and_changes_with_the_epoch(dataset: Dataset) -> None:

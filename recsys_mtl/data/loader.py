@@ -1,9 +1,11 @@
 """Prepared dataset -> stream of Batch: row groups read as Arrow, made into tensors by column, never by row.
 
-Rank r of w reads every w-th row group of the (optionally shuffled) row-group list, so ranks read disjoint parts and
-together read every row exactly once.
+Rank r of w reads the r-th of w equal, contiguous parts of the (optionally shuffled) row-group sequence; a row group on
+a boundary is split by rows. So ranks read disjoint parts, together every row exactly once, and their row counts differ
+by at most one.
 """
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +22,12 @@ from recsys_mtl.data.schema import KEY_PREFIX, SPLITS, Schema, check_dataset
 
 @dataclass(frozen=True)
 class RowGroup:
-    """One parquet row group: the reader's unit of work."""
+    """Rows [offset, offset + num_rows) of one parquet row group: the reader's unit of work."""
 
     path: Path
     index: int
     num_rows: int
+    offset: int = 0
 
 
 class Dataset:
@@ -117,7 +120,7 @@ def read_batches(
         dataset: an opened prepared dataset.
         split: "train", "valid" or "test".
         batch_size: rows per batch.
-        rank: this process's rank; it reads row groups rank, rank + world_size, ...
+        rank: this process's rank; it reads the rank-th of world_size contiguous parts of the row groups.
         world_size: number of readers sharing the split.
         shuffle: permute the row groups (the same permutation on every rank) and rows within a window of
             `shuffle_window` row groups, seeded by (seed, epoch).
@@ -161,11 +164,20 @@ def read_batches(
 def rank_row_groups(
     dataset: Dataset, split: str, rank: int, world_size: int, rng: np.random.Generator | None = None
 ) -> list[RowGroup]:
-    """The row groups rank `rank` reads: every world_size-th of the list, permuted by `rng` when shuffling."""
+    """The rows rank `rank` reads: its contiguous 1 / world_size of the row groups (permuted by `rng` when shuffling),
+    cut at row boundaries."""
     groups = dataset.row_groups(split)
     if rng is not None:
         groups = [groups[i] for i in rng.permutation(len(groups))]
-    return groups[rank::world_size]
+    total = sum(g.num_rows for g in groups)
+    low, high = total * rank // world_size, total * (rank + 1) // world_size
+    mine, start = [], 0
+    for group in groups:
+        first, last = max(low, start), min(high, start + group.num_rows)
+        if first < last:
+            mine.append(dataclasses.replace(group, offset=first - start, num_rows=last - first))
+        start += group.num_rows
+    return mine
 
 
 def count_batches(
@@ -188,4 +200,4 @@ def count_batches(
 
 def _read_row_group(group: RowGroup, columns: list[str]) -> pl.DataFrame:
     table = pq.ParquetFile(group.path).read_row_group(group.index, columns=columns)
-    return pl.from_arrow(table)  # type: ignore[return-value]
+    return pl.from_arrow(table.slice(group.offset, group.num_rows))  # type: ignore[return-value]
