@@ -115,6 +115,52 @@ def _evaluate(args: argparse.Namespace) -> None:
     print(f"wrote {args.run_dir / f'metrics_{args.split}.json'} and {args.run_dir / f'report_{args.split}.md'}")
 
 
+def _score(args: argparse.Namespace) -> None:
+    from recsys_mtl.config import load_config
+    from recsys_mtl.distributed import destroy_process_group, init_process_group
+    from recsys_mtl.score import score
+
+    encoder = None
+    if not (args.input / "schema.toml").is_file():  # raw rows: encode them with the run's vocabularies
+        from data_prep.encode import RawEncoder
+
+        encoder = RawEncoder(load_config(args.run_dir / "config.toml").dataset, args.side_dir)
+    device = _device(args.device)
+    init_process_group(device)
+    failed = True
+    try:
+        summary = score(
+            args.run_dir,
+            args.input,
+            args.out,
+            device,
+            split=args.split,
+            encoder=encoder,
+            int8=args.int8,
+            batch_size=args.batch_size,
+            rows_per_shard=args.rows_per_shard,
+            missing_text=args.missing_text,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+        )
+        failed = False
+    finally:
+        destroy_process_group(failed)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    print(
+        f"scored {summary.rows:,} rows in {summary.seconds:.1f} s ({summary.rows_per_second:,.0f} rows/s) into "
+        f"{args.out}: {len(summary.shards_written)} shards written, {summary.shards_skipped} already there"
+    )
+    total = summary.rows or 1
+    unknown = [f"{name} {count / total:.1%}" for name, count in summary.unknown_ids.items() if count]
+    if unknown:
+        print("rows on id row 0 (unseen in training, or absent): " + ", ".join(unknown))
+    missing = [f"{name} {count:,}" for name, count in summary.missing_text.items() if count]
+    if missing:
+        print("rows whose key has no text vector (scored with the empty text): " + ", ".join(missing))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from data_prep.synth import WorldConfig
     from recsys_mtl.config import TextConfig
@@ -207,6 +253,33 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--baselines", type=Path, nargs="*", default=[], help="evaluated runs to compare with")
     ev.add_argument("--device", default="cpu", help="cpu or cuda (%(default)s)")
     ev.set_defaults(func=_evaluate)
+
+    sc = sub.add_parser(
+        "score",
+        help="batch-score a prepared split or raw parquet rows into parquet shards of predictions",
+        description="Write OUT/part-*.parquet: the key columns, pred_<task> and pred_cvr_joint (pCTCVR), one row per "
+        "input row in input order. Raw rows are encoded with the run's vocabularies (unseen ids -> the unknown row); "
+        "missing side-table columns are joined from --side-dir. Under torchrun each rank scores its own shards; a "
+        "rerun skips the shards already written.",
+    )
+    sc.add_argument("run_dir", type=Path, help="a run dir written by train")
+    sc.add_argument("input", type=Path, help="a prepared dataset folder, or raw parquet: a file, a folder or a glob")
+    sc.add_argument("--out", type=Path, required=True, help="output folder of parquet shards")
+    sc.add_argument("--split", default="test", choices=["train", "valid", "test"], help="of a prepared input")
+    sc.add_argument("--side-dir", type=Path, help="side tables for raw rows (default: the dataset's raw folder)")
+    sc.add_argument("--int8", action="store_true", help="int8-quantized embedding tables (torchrec quantized EBC)")
+    sc.add_argument("--batch-size", type=int, default=8192, help="(%(default)s)")
+    sc.add_argument("--rows-per-shard", type=int, default=1 << 20, help="rows per output shard, about (%(default)s)")
+    sc.add_argument(
+        "--missing-text",
+        default="empty",
+        choices=["empty", "error"],
+        help="rows whose item has no text vector: score with the empty text, or refuse (%(default)s)",
+    )
+    sc.add_argument("--overwrite", action="store_true", help="replace scores of another input or model in --out")
+    sc.add_argument("--device", default="cpu", help="cpu or cuda (%(default)s)")
+    sc.add_argument("--quiet", action="store_true", help="no progress bar")
+    sc.set_defaults(func=_score)
     return parser
 
 

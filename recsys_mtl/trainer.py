@@ -60,8 +60,13 @@ def build_trainer(cfg: Config, dataset: Dataset, device: torch.device) -> Traine
     return Trainer(cfg, specs, sharded, loss, loss_optimizer, device)
 
 
+def autocast(cfg: Config, device: torch.device) -> torch.autocast:
+    """bf16 autocast of the dense network when `train.bf16` is set (losses are computed in fp32 regardless)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16)
+
+
 def forward(trainer: Trainer, batch: Batch) -> RankerOutput:
-    with torch.autocast(trainer.device.type, dtype=torch.bfloat16, enabled=trainer.cfg.train.bf16):
+    with autocast(trainer.cfg, trainer.device):
         return trainer.model(batch)
 
 
