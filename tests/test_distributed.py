@@ -5,11 +5,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import polars as pl
 import pytest
 import torch
 
 from recsys_mtl.config import load_config
 from recsys_mtl.evaluate import evaluate_run
+from recsys_mtl.score import score
 from recsys_mtl.train import train
 
 CONFIG = """dataset = "{dataset}"
@@ -52,3 +54,19 @@ def test_two_ranks_reach_the_metrics_of_one(text_dataset: Path, tiny_bert: Path,
     reloaded = evaluate_run(tmp_path / "two", "valid", torch.device("cpu"))
     assert reloaded["ctr/auc"] == pytest.approx(best["ctr/auc"], abs=1e-9)
     assert reloaded["rating/rmse"] == pytest.approx(best["rating/rmse"], rel=1e-6)
+
+    # and scores on 2 ranks exactly as on 1: every row once, in order, the same predictions
+    done = subprocess.run(
+        [*command[:-1], "score", str(tmp_path / "two"), str(text_dataset), "--out", str(tmp_path / "s2"), "--quiet"]
+        + ["--rows-per-shard", "1000"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("scored 4,285 rows") == 1
+    score(tmp_path / "two", text_dataset, tmp_path / "s1", torch.device("cpu"), rows_per_shard=1000, progress=False)
+    two_ranks = pl.concat(pl.read_parquet(p) for p in sorted((tmp_path / "s2").glob("part-*.parquet")))
+    one_rank = pl.concat(pl.read_parquet(p) for p in sorted((tmp_path / "s1").glob("part-*.parquet")))
+    assert two_ranks.equals(one_rank)
