@@ -56,9 +56,9 @@ def test_two_ranks_reach_the_metrics_of_one(text_dataset: Path, tiny_bert: Path,
     assert reloaded["rating/rmse"] == pytest.approx(best["rating/rmse"], rel=1e-6)
 
     # and scores on 2 ranks exactly as on 1: every row once, in order, the same predictions
+    scoring = [*command[:-1], "score", str(tmp_path / "two"), str(text_dataset), "--out", str(tmp_path / "s2")]
     done = subprocess.run(
-        [*command[:-1], "score", str(tmp_path / "two"), str(text_dataset), "--out", str(tmp_path / "s2"), "--quiet"]
-        + ["--rows-per-shard", "1000"],
+        [*scoring, "--quiet", "--rows-per-shard", "1000"],
         capture_output=True,
         text=True,
         timeout=600,
