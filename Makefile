@@ -47,7 +47,7 @@ fmt: $(STAMP) ## format and fix what ruff can
 typecheck: $(STAMP) ## mypy (optional)
 	$(BIN)/pip install -q mypy && $(BIN)/mypy
 
-demo: $(STAMP) ## the main job on the default synthetic world: data, texts, MMoE + single-task baselines, report
+demo: $(STAMP) ## the main job on the default synthetic world: data, texts, MMoE + single-task baselines, report, scores
 	$(BIN)/recsys-mtl synth --out $(DEMO_DIR)/raw --overwrite --quiet
 	$(BIN)/recsys-mtl prepare $(DEMO_DIR)/raw --out $(DEMO_DIR)/dataset --overwrite
 	$(BIN)/recsys-mtl encode-text $(DEMO_DIR)/dataset --quiet
@@ -61,13 +61,15 @@ demo: $(STAMP) ## the main job on the default synthetic world: data, texts, MMoE
 	for task in ctr cvr rating reads; do \
 	  $(BIN)/recsys-mtl evaluate $(DEMO_DIR)/runs/single_$$task --split test > /dev/null || exit 1; done
 	$(BIN)/recsys-mtl evaluate $(DEMO_DIR)/runs/mmoe --split test --baselines $(DEMO_DIR)/runs/single_*
-	@echo "report: $(DEMO_DIR)/runs/mmoe/report_test.md"
+	$(BIN)/recsys-mtl score $(DEMO_DIR)/runs/mmoe $(DEMO_DIR)/dataset --split test --out $(DEMO_DIR)/scores --overwrite --quiet
+	@echo "report: $(DEMO_DIR)/runs/mmoe/report_test.md, scores: $(DEMO_DIR)/scores"
 
 bench: $(STAMP) ## benchmarks (DEVICE=cpu|cuda); tables printed, json under benchmarks/results/
 	$(BIN)/python benchmarks/bench_synth.py --device $(DEVICE)
 	$(BIN)/python benchmarks/bench_reader.py --device $(DEVICE)
 	$(BIN)/python benchmarks/bench_text.py --device $(DEVICE)
 	$(BIN)/python benchmarks/bench_quality.py --device $(DEVICE)
+	$(BIN)/python benchmarks/bench_scale.py --device $(DEVICE)
 
 clean: ## remove build outputs and demo data (keeps .venv)
 	rm -rf $(DEMO_DIR) .pytest_cache .ruff_cache build *.egg-info

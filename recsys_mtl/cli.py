@@ -150,7 +150,8 @@ def _score(args: argparse.Namespace) -> None:
         return
     print(
         f"scored {summary.rows:,} rows in {summary.seconds:.1f} s ({summary.rows_per_second:,.0f} rows/s) into "
-        f"{args.out}: {len(summary.shards_written)} shards written, {summary.shards_skipped} already there"
+        f"{args.out}: {len(summary.shards_written)} shard(s) written, {summary.shards_skipped} already there; "
+        f"peak memory {summary.peak_memory_mb:,.0f} MB"
     )
     total = summary.rows or 1
     unknown = [f"{name} {count / total:.1%}" for name, count in summary.unknown_ids.items() if count]

@@ -149,6 +149,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     run_dir: str = ""  # where checkpoints, logs and reports go (`train --out` overrides)
     sharding: dict[str, Sharding] = field(default_factory=dict)  # table -> how the planner must shard it
+    uvm_caching: tuple[str, ...] = ()  # tables kept in host memory behind a GPU cache of hot rows (CUDA only)
 
     def __post_init__(self) -> None:
         names = [t.name for t in self.tasks]

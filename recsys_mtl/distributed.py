@@ -69,21 +69,24 @@ class ShardedRanker:
 
 
 def _constraints(model: MultiTaskRanker, cfg: Config) -> dict[str, ParameterConstraints]:
-    """Every table on the fused kernel, table-wise unless `cfg.sharding` says otherwise (data-parallel: dense kernel).
+    """Every table on the fused kernel, table-wise unless `cfg.sharding` says otherwise (data-parallel: dense kernel;
+    tables in `cfg.uvm_caching`: fbgemm's UVM-caching kernel).
 
     Raises:
-        KeyError: `cfg.sharding` names a table the model does not have.
+        KeyError: `cfg.sharding` or `cfg.uvm_caching` names a table the model does not have.
     """
     names = [c.name for c in model.ebc.embedding_bag_configs()]
     if model.text_ebc is not None:
         names += [c.name for c in model.text_ebc.embedding_bag_configs()]
-    unknown = sorted(set(cfg.sharding) - set(names))
-    if unknown:
-        raise KeyError(f"sharding names unknown tables {unknown}; the tables are {names}")
+    for option, tables in (("sharding", cfg.sharding), ("uvm_caching", cfg.uvm_caching)):
+        unknown = sorted(set(tables) - set(names))
+        if unknown:
+            raise KeyError(f"{option} names unknown tables {unknown}; the tables are {names}")
     constraints = {}
     for name in names:
         sharding = cfg.sharding.get(name, ShardingType.TABLE_WISE.value)
         kernel = EmbeddingComputeKernel.DENSE if sharding == "data_parallel" else EmbeddingComputeKernel.FUSED
+        kernel = EmbeddingComputeKernel.FUSED_UVM_CACHING if name in cfg.uvm_caching else kernel
         constraints[name] = ParameterConstraints(sharding_types=[sharding], compute_kernels=[kernel.value])
     return constraints
 
@@ -94,6 +97,10 @@ def shard_model(model: MultiTaskRanker, cfg: Config, device: torch.device) -> Sh
     Frozen parts get no optimizer: `train.freeze`, the text tables (their output is detached, so the fused kernel
     never sees a gradient for them) and BERT outside its fine-tuned layers.
     """
+    if cfg.uvm_caching and device.type != "cuda":
+        raise ValueError(
+            f"uvm_caching = {list(cfg.uvm_caching)} needs --device cuda (it caches host-memory rows on a GPU)"
+        )
     pg = init_process_group(device)
     apply_optimizer_in_backward(RowWiseAdagrad, model.ebc.parameters(), {"lr": cfg.optim.embedding_lr})
     _freeze(model, cfg)

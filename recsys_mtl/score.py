@@ -10,6 +10,7 @@ scoring; memory stays bounded by one row group and one shard's predictions.
 import json
 import logging
 import os
+import resource
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -25,7 +26,7 @@ from torch.ao.quantization import PlaceholderObserver, QConfig
 from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
 from tqdm import tqdm
 
-from recsys_mtl.checkpoint import SafeReader, fingerprint, read_progress
+from recsys_mtl.checkpoint import PROGRESS_FILE, SafeReader, fingerprint, read_progress
 from recsys_mtl.config import Config, load_config
 from recsys_mtl.data.loader import BatchBuilder
 from recsys_mtl.data.schema import KEY_PREFIX, SCHEMA_FILE, SPLITS, Schema, check_dataset
@@ -63,6 +64,7 @@ class ScoreSummary:
 
     rows: int = 0
     seconds: float = 0.0
+    peak_memory_mb: float = 0.0  # the largest resident set of a rank
     shards_written: list[str] = field(default_factory=list)
     shards_skipped: int = 0
     unknown_ids: dict[str, int] = field(default_factory=dict)  # id feature -> rows with the unknown id 0
@@ -195,6 +197,7 @@ def score(
     manifest = {
         "run": str(Path(run_dir).resolve()),
         "checkpoint": str(checkpoint_dir(run_dir).resolve()),
+        "checkpoint_written_ns": (checkpoint_dir(run_dir) / PROGRESS_FILE).stat().st_mtime_ns,  # a retrained run
         "input": str(inp.resolve()),
         "split": split if encoder is None else None,
         "int8": int8,
@@ -227,6 +230,7 @@ def score(
             summary.shards_written.append(shard.name)
     bar.close()
     summary.seconds = time.perf_counter() - start
+    summary.peak_memory_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     summary = _merge(summary, world_size)
     if rank == 0:
         atomic_write_text(
@@ -328,6 +332,7 @@ def _merge(summary: ScoreSummary, world_size: int) -> ScoreSummary:
     for part in (p for p in gathered if p is not None):
         total.rows += part.rows
         total.seconds = max(total.seconds, part.seconds)
+        total.peak_memory_mb = max(total.peak_memory_mb, part.peak_memory_mb)
         total.shards_written += part.shards_written
         total.shards_skipped += part.shards_skipped
         for name, count in part.unknown_ids.items():

@@ -89,5 +89,7 @@ def tiny_config(dataset: Path, bert: Path, **sections: dict | list) -> Config:
         "train": {"batch_size": 512},
     }
     for section, values in sections.items():
-        data[section] = values if section in ("tasks", "sharding") else {**data.get(section, {}), **values}
+        data[section] = (
+            values if section in ("tasks", "sharding", "uvm_caching") else {**data.get(section, {}), **values}
+        )
     return from_mapping(Config, data, "tiny_config")

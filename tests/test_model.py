@@ -156,3 +156,5 @@ def test_sharding_per_table_follows_the_config(text_dataset: Path, tiny_bert: Pa
     assert (read_table(trainer.model, "city") != before).any()  # data-parallel tables are trained too
     with pytest.raises(KeyError, match="sharding names unknown tables"):
         _trainer(text_dataset, tiny_bert, sharding={"nope": "table_wise"})
+    with pytest.raises(ValueError, match=r"uvm_caching = \['item'\] needs --device cuda"):
+        _trainer(text_dataset, tiny_bert, uvm_caching=["item"])
