@@ -94,6 +94,15 @@ def train(cfg: Config, run_dir: Path, device: torch.device, resume: bool = False
     position = {"step": 0, "epoch": 0, "batch": 0, "best": None, "stale": 0, "fingerprint": expected}
     if resume:
         position = read_progress(checkpoints / "last", expected)
+        saved_world = position.get("world_size", world_size)
+        if saved_world != world_size:  # the same samples into the epoch; the ranks' parts of it differ, though
+            position["batch"] = position["batch"] * saved_world // world_size
+            log.warning(
+                "resuming a %d-rank run on %d ranks: the epoch continues after the same number of samples, not the "
+                "same rows; the learning-rate schedule follows the new steps per epoch",
+                saved_world,
+                world_size,
+            )
         for optimizer in (trainer.sharded.dense_optimizer, trainer.loss_optimizer):
             if optimizer is not None:
                 optimizer.init_state()  # create the state tensors the checkpoint is loaded into
@@ -109,6 +118,7 @@ def train(cfg: Config, run_dir: Path, device: torch.device, resume: bool = False
         )
     elif rank == 0 and (checkpoints / "last").exists():
         raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
+    position["world_size"] = world_size
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         cfg.save(run_dir / "config.toml")

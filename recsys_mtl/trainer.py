@@ -137,9 +137,12 @@ def predict_batch(trainer: Trainer, batch: Batch) -> dict[str, Tensor]:
 
 def training_state(trainer: Trainer) -> dict[str, object]:
     """Every tensor a resumed run needs: model (sharded tables too), fused and dense optimizer state, loss, RNG."""
+    fused = trainer.model.fused_optimizer.state_dict()
+    # the frozen text tables have an empty state, which DCP saves on some world sizes and not on others
+    fused["state"] = {name: value for name, value in fused["state"].items() if value}
     state: dict[str, object] = {
         "model": trainer.model.state_dict(),
-        "fused_optimizer": trainer.model.fused_optimizer.state_dict(),
+        "fused_optimizer": fused,
         "dense_optimizer": trainer.sharded.dense_optimizer.state_dict(),
         "loss": trainer.loss.state_dict(),
         "rng": torch.get_rng_state(),

@@ -70,3 +70,23 @@ def test_two_ranks_reach_the_metrics_of_one(text_dataset: Path, tiny_bert: Path,
     two_ranks = pl.concat(pl.read_parquet(p) for p in sorted((tmp_path / "s2").glob("part-*.parquet")))
     one_rank = pl.concat(pl.read_parquet(p) for p in sorted((tmp_path / "s1").glob("part-*.parquet")))
     assert two_ranks.equals(one_rank)
+
+    # a 2-rank run resumes on 1 rank for a third epoch, and the 1-rank run on 2 ranks
+    third = load_config(config, ["train.epochs=3"])
+    resumed = train(third, tmp_path / "two", torch.device("cpu"), resume=True, progress=False)
+    assert resumed.steps == two[-1]["step"] + -(-21_428 // 256)
+    assert resumed.valid[-1]["ctr/auc"] > 0.6
+    (tmp_path / "three.toml").write_text(
+        CONFIG.format(dataset=text_dataset, bert=tiny_bert).replace("epochs = 2", "epochs = 3")
+    )
+    done = subprocess.run(
+        [*command, "--config", str(tmp_path / "three.toml"), "--out", str(tmp_path / "one"), "--quiet", "--resume"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["step"] == one.steps + 21_428 // 512  # a third epoch at 2 ranks of 256 rows
+    assert [r for r in records if r["kind"] == "valid"][-1]["ctr/auc"] > 0.6
