@@ -6,7 +6,7 @@ DEVICE ?= cpu
 DEMO_DIR ?= demo_out
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help install install-gpu test test-all test-gpu lint fmt typecheck demo bench clean
+.PHONY: help install install-gpu test test-all test-gpu lint fmt typecheck demo bench bench-full clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -51,6 +51,7 @@ demo: $(STAMP) ## the main job on the default synthetic world: data, texts, MMoE
 	$(BIN)/recsys-mtl synth --out $(DEMO_DIR)/raw --overwrite --quiet
 	$(BIN)/recsys-mtl prepare $(DEMO_DIR)/raw --out $(DEMO_DIR)/dataset --overwrite
 	$(BIN)/recsys-mtl encode-text $(DEMO_DIR)/dataset --quiet
+	touch $(DEMO_DIR)/dataset/.bench-ready
 	rm -rf $(DEMO_DIR)/runs
 	$(BIN)/recsys-mtl train --config configs/demo.toml --out $(DEMO_DIR)/runs/mmoe --quiet
 	for task in ctr rating reads; do \
@@ -64,12 +65,30 @@ demo: $(STAMP) ## the main job on the default synthetic world: data, texts, MMoE
 	$(BIN)/recsys-mtl score $(DEMO_DIR)/runs/mmoe $(DEMO_DIR)/dataset --split test --out $(DEMO_DIR)/scores --overwrite --quiet
 	@echo "report: $(DEMO_DIR)/runs/mmoe/report_test.md, scores: $(DEMO_DIR)/scores"
 
-bench: $(STAMP) ## benchmarks (DEVICE=cpu|cuda); tables printed, json under benchmarks/results/
-	$(BIN)/python benchmarks/bench_synth.py --device $(DEVICE)
+BENCH_DATA := $(DEMO_DIR)/dataset/.bench-ready
+
+$(BENCH_DATA): | $(STAMP)
+	$(BIN)/recsys-mtl synth --out $(DEMO_DIR)/raw --overwrite --quiet
+	$(BIN)/recsys-mtl prepare $(DEMO_DIR)/raw --out $(DEMO_DIR)/dataset --overwrite
+	$(BIN)/recsys-mtl encode-text $(DEMO_DIR)/dataset --quiet
+	touch $(BENCH_DATA)
+
+bench: $(STAMP) $(BENCH_DATA) ## quick benchmark suite, ~15 min (DEVICE=cpu|cuda): json + md under benchmarks/results/
+	$(BIN)/python benchmarks/bench_kernels.py --device $(DEVICE) --quick
+	$(BIN)/python benchmarks/bench_scaling.py --device $(DEVICE) --sizes 1e5,1e6,1e7 --batches 1024,4096 --steps 6
+	$(BIN)/python benchmarks/bench_scale.py --device $(DEVICE) --steps 120
+	$(BIN)/python benchmarks/bench_reader.py --device $(DEVICE) --impressions 1000000 --repeats 2
+	$(BIN)/python benchmarks/bench_peers.py --quick
+
+bench-full: $(STAMP) $(BENCH_DATA) ## every benchmark at full size (about an hour on 2 cores): the README's tables
+	$(BIN)/python benchmarks/bench_kernels.py --device $(DEVICE)
+	$(BIN)/python benchmarks/bench_scaling.py --device $(DEVICE)
+	$(BIN)/python benchmarks/bench_scale.py --device $(DEVICE)
 	$(BIN)/python benchmarks/bench_reader.py --device $(DEVICE)
+	$(BIN)/python benchmarks/bench_synth.py --device $(DEVICE)
 	$(BIN)/python benchmarks/bench_text.py --device $(DEVICE)
 	$(BIN)/python benchmarks/bench_quality.py --device $(DEVICE)
-	$(BIN)/python benchmarks/bench_scale.py --device $(DEVICE)
+	$(BIN)/python benchmarks/bench_peers.py
 
 clean: ## remove build outputs and demo data (keeps .venv)
 	rm -rf $(DEMO_DIR) .pytest_cache .ruff_cache build *.egg-info

@@ -73,8 +73,8 @@ def main() -> None:
             )
             print(rows[-1], flush=True)
     rows.append({"model": "oracle", **{k: oracle.get(k, float("nan")) for k in COLUMNS}, "minutes": 0.0})
-    print_table(rows, "test split of the default synthetic world (lower is better for rmse and deviance)")
-    write_results("quality", rows, command="python benchmarks/bench_quality.py " + " ".join(sys.argv[1:]))
+    markdown = print_table(rows, "test split of the default synthetic world (lower is better for rmse and deviance)")
+    write_results("quality", rows, markdown, command="python benchmarks/bench_quality.py " + " ".join(sys.argv[1:]))
 
 
 if __name__ == "__main__":

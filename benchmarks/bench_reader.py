@@ -94,13 +94,15 @@ def main() -> None:
     ours = rows[1]["rows_per_s"]
     for r in rows:
         r["vs_baseline"] = r["rows_per_s"] / rows[-1]["rows_per_s"]
-    print_table(
+    markdown = print_table(
         rows,
         f"batch reader, batch {args.batch_size}, {len(dataset.schema.kjt_keys)} sparse keys, "
         f"{len(dataset.schema.dense_features)} dense, device {device}",
     )
     print(f"\nshuffled reader: {ours:,.0f} rows/s")
-    write_results(f"reader_{device.type}", rows, command="python benchmarks/bench_reader.py " + " ".join(sys.argv[1:]))
+    write_results(
+        f"reader_{device.type}", rows, markdown, command="python benchmarks/bench_reader.py " + " ".join(sys.argv[1:])
+    )
 
 
 if __name__ == "__main__":

@@ -116,11 +116,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         training = train_rows(args.config, args.steps, Path(tmp), args.device)
         scoring, drift = score_rows(args.config, Path(tmp), args.device)
-    print_table(training, f"training, {args.config} ({args.device})")
-    print_table(scoring, "batch scoring (rows/s over the whole command: model load included)")
-    print_table([drift], "int8 tables against fp32 (test split)")
+    markdown = "\n".join(
+        [
+            print_table(training, f"training, {args.config} ({args.device})"),
+            print_table(scoring, "batch scoring (rows/s over the whole command: model load included)"),
+            print_table([drift], "int8 tables against fp32 (test split)"),
+        ]
+    )
     command = "python benchmarks/bench_scale.py " + " ".join(sys.argv[1:])
-    write_results(f"scale_{args.device}", training + scoring + [drift], command=command)
+    write_results(f"scale_{args.device}", training + scoring + [drift], markdown, command=command)
 
 
 if __name__ == "__main__":

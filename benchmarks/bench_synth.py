@@ -58,8 +58,8 @@ def main() -> None:
                     }
                 )
                 print(rows[-1], flush=True)
-    print_table(rows, "synthetic world: generation (synth) and preparation (prepare)")
-    write_results("synth", rows, command="python benchmarks/bench_synth.py " + " ".join(sys.argv[1:]))
+    markdown = print_table(rows, "synthetic world: generation (synth) and preparation (prepare)")
+    write_results("synth", rows, markdown, command="python benchmarks/bench_synth.py " + " ".join(sys.argv[1:]))
 
 
 if __name__ == "__main__":

@@ -53,8 +53,12 @@ def main() -> None:
         print(rows[-1], flush=True)
     for r in rows:
         r["speedup"] = r["texts_per_s"] / rows[0]["texts_per_s"]
-    print_table(rows, f"text encoding, all-MiniLM-L6-v2, {len(texts)} titles, batch {args.batch_size}, {device}")
-    write_results(f"text_{device.type}", rows, command="python benchmarks/bench_text.py " + " ".join(sys.argv[1:]))
+    markdown = print_table(
+        rows, f"text encoding, all-MiniLM-L6-v2, {len(texts)} titles, batch {args.batch_size}, {device}"
+    )
+    write_results(
+        f"text_{device.type}", rows, markdown, command="python benchmarks/bench_text.py " + " ".join(sys.argv[1:])
+    )
 
 
 if __name__ == "__main__":

@@ -21,14 +21,17 @@ def best_of(fn: Callable[[], object], repeats: int) -> float:
     return min(times)
 
 
-def print_table(rows: list[dict], title: str) -> None:
+def print_table(rows: list[dict], title: str) -> str:
+    """Print `rows` as a markdown table under `title`; return the same text."""
     columns = list(rows[0])
     widths = [max(len(c), *(len(_fmt(r[c])) for r in rows)) for c in columns]
-    print(f"\n{title}")
-    print("| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)) + " |")
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    lines = [f"\n{title}\n", "| " + " | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)) + " |"]
+    lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     for r in rows:
-        print("| " + " | ".join(_fmt(r[c]).ljust(w) for c, w in zip(columns, widths, strict=True)) + " |")
+        lines.append("| " + " | ".join(_fmt(r[c]).ljust(w) for c, w in zip(columns, widths, strict=True)) + " |")
+    text = "\n".join(lines)
+    print(text)
+    return text
 
 
 def _fmt(value: object) -> str:
@@ -39,10 +42,14 @@ def _fmt(value: object) -> str:
     return str(value)
 
 
-def write_results(name: str, rows: list[dict], **meta: object) -> Path:
+def write_results(name: str, rows: list[dict], markdown: str = "", **meta: object) -> Path:
+    """benchmarks/results/<name>.json (meta + rows) and, given the printed tables, <name>.md."""
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.json"
     info = {"machine": platform.machine(), "cpus": torch.get_num_threads(), "torch": torch.__version__, **meta}
     path.write_text(json.dumps({"meta": info, "rows": rows}, indent=2) + "\n")
+    if markdown:
+        command = f"`{meta['command']}`\n" if "command" in meta else ""
+        (RESULTS / f"{name}.md").write_text(f"# {name}\n\n{command}{markdown}\n")
     print(f"\nwrote {path}")
     return path
