@@ -122,7 +122,8 @@ def shard_model(model: MultiTaskRanker, cfg: Config, device: torch.device) -> Sh
     }
     optimizer_cls = torch.optim.AdamW if cfg.optim.dense == "adamw" else torch.optim.Adam
     optimizer = KeyedOptimizerWrapper(
-        dense, lambda params: optimizer_cls(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+        dense,
+        lambda params: optimizer_cls(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, fused=True),
     )
     return ShardedRanker(model=sharded, dense_optimizer=optimizer, plan=plan)
 

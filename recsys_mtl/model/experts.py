@@ -32,11 +32,13 @@ class ExpertStack(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         hidden = x
         for weight, bias in zip(self.weights, self.biases, strict=True):
-            if hidden.dim() == 2:
-                hidden = torch.einsum("bi,eio->beo", hidden, weight)  # [B, E, D_h], all experts in one matmul
+            num_experts, d_in, d_out = weight.shape
+            if hidden.dim() == 2:  # one input: all experts in one plain matmul, [D_in, E * D_h] (no batched copies)
+                flat = torch.addmm(bias.reshape(-1), hidden, weight.transpose(0, 1).reshape(d_in, -1))  # [B, E * D_h]
+                hidden = flat.view(-1, num_experts, d_out)  # [B, E, D_h]
             else:
-                hidden = torch.einsum("bei,eio->beo", hidden, weight)  # [B, E, D_h]
-            hidden = self.dropout(torch.relu(hidden + bias))
+                hidden = torch.einsum("bei,eio->beo", hidden, weight).add_(bias)  # [B, E, D_h]
+            hidden = self.dropout(hidden.relu_())  # in place: the matmul's output is not kept for backward
         return hidden
 
 
