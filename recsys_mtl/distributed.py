@@ -57,6 +57,18 @@ def destroy_process_group(failed: bool = False) -> None:
         dist.destroy_process_group()
 
 
+@torch.no_grad()
+def average_norm_statistics(module: nn.Module) -> None:
+    """Average the batch-norm running statistics over the ranks (each rank normalises its own batches), so that every
+    rank predicts alike and a checkpoint holds statistics of all the data; a no-op on one rank. Collective."""
+    if world()[1] > 1:
+        for norm in (m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
+            for stats in (norm.running_mean, norm.running_var):
+                if stats is not None:
+                    dist.all_reduce(stats)
+                    stats /= dist.get_world_size()
+
+
 @dataclass
 class ShardedRanker:
     model: DistributedModelParallel

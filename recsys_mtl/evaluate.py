@@ -15,7 +15,7 @@ from recsys_mtl.checkpoint import fingerprint, load_checkpoint, read_progress
 from recsys_mtl.config import load_config
 from recsys_mtl.data.batch import Batch
 from recsys_mtl.data.loader import Dataset, count_batches, read_batches
-from recsys_mtl.distributed import world
+from recsys_mtl.distributed import average_norm_statistics, world
 from recsys_mtl.files import atomic_write_text
 from recsys_mtl.metrics import auc, task_metrics
 from recsys_mtl.model.losses import TaskSpec, predict
@@ -47,6 +47,7 @@ def predict_split(trainer: Trainer, dataset: Dataset, split: str, batch_size: in
     fewer batches repeat their last one, unrecorded, so that the sharded tables' collectives stay in step.
     """
     rank, world_size = world()
+    average_norm_statistics(trainer.model)
     steps = max(count_batches(dataset, split, batch_size, rank=r, world_size=world_size) for r in range(world_size))
     batches = read_batches(dataset, split, batch_size, rank=rank, world_size=world_size)
     parts: list[dict] = []

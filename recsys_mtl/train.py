@@ -13,7 +13,7 @@ from tqdm import tqdm
 from recsys_mtl.checkpoint import fingerprint, load_checkpoint, read_progress, save_checkpoint
 from recsys_mtl.config import Config
 from recsys_mtl.data.loader import Dataset, count_batches, read_batches
-from recsys_mtl.distributed import world
+from recsys_mtl.distributed import average_norm_statistics, world
 from recsys_mtl.evaluate import split_metrics
 from recsys_mtl.files import atomic_write_text
 from recsys_mtl.metrics import better
@@ -136,6 +136,7 @@ def train(cfg: Config, run_dir: Path, device: torch.device, resume: bool = False
     start, start_step = time.perf_counter(), position["step"]
 
     def checkpoint(name: str) -> None:
+        average_norm_statistics(trainer.model)
         save_checkpoint(checkpoints / name, training_state(trainer), position)
 
     def validate() -> bool:

@@ -158,3 +158,12 @@ def test_sharding_per_table_follows_the_config(text_dataset: Path, tiny_bert: Pa
         _trainer(text_dataset, tiny_bert, sharding={"nope": "table_wise"})
     with pytest.raises(ValueError, match=r"uvm_caching = \['item'\] needs --device cuda"):
         _trainer(text_dataset, tiny_bert, uvm_caching=["item"])
+
+
+@pytest.mark.parametrize(
+    ("norm", "kind"), [("batch", torch.nn.BatchNorm1d), ("layer", torch.nn.LayerNorm), ("none", torch.nn.Identity)]
+)
+def test_input_norm_follows_the_config(text_dataset: Path, tiny_bert: Path, norm: str, kind: type) -> None:
+    trainer, dataset = _trainer(text_dataset, tiny_bert, model={"input_norm": norm})
+    assert isinstance(trainer.sharded.module.input_norm, kind)
+    assert train_step(trainer, _batch(dataset), step=0)["loss"] > 0

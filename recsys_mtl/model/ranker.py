@@ -68,6 +68,8 @@ class MultiTaskRanker(nn.Module):
         in_dim += (
             cfg.model.dense_dims[-1] if schema.dense_features and cfg.model.dense_dims else len(schema.dense_features)
         )
+        norms = {"batch": nn.BatchNorm1d, "layer": nn.LayerNorm}
+        self.input_norm = norms[cfg.model.input_norm](in_dim) if cfg.model.input_norm in norms else nn.Identity()
         self.cross = CrossNet(in_dim, cfg.model.cross_layers) if cfg.model.cross_layers else nn.Identity()
         self.mixture = Mixture(in_dim, len(cfg.tasks), cfg.model)
         self.towers = nn.ModuleDict(
@@ -94,7 +96,7 @@ class MultiTaskRanker(nn.Module):
         if self.dense_mlp is not None:
             parts.append(self.dense_mlp(batch.dense))  # [B, D_dense]
         features = torch.cat(parts, dim=1)  # [B, D_in]
-        task_inputs, gate_weights = self.mixture(self.cross(features))  # [B, T, D_exp], [B, T, E]
+        task_inputs, gate_weights = self.mixture(self.cross(self.input_norm(features)))  # [B, T, D_exp], [B, T, E]
         logits = {t: self.towers[t](task_inputs[:, i]) for i, t in enumerate(self.task_names)}
         return RankerOutput(logits=logits, gate_weights=gate_weights)
 
