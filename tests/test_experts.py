@@ -51,7 +51,7 @@ def test_mmoe_equals_gate_weighted_sum_of_its_experts() -> None:
     x = torch.randn(BATCH, IN_DIM)
     level = mixture.levels[0]
     expert_out = level.experts(x)  # [B, E, D]
-    gates = torch.softmax(torch.einsum("bi,gie->bge", x, level.gates), -1)
+    gates = torch.softmax(torch.einsum("bi,ige->bge", x, level.gates), -1)
     expected = torch.stack([(gates[:, t, :, None] * expert_out).sum(1) for t in range(NUM_TASKS)], dim=1)
     torch.testing.assert_close(mixture(x)[0], expected)
 

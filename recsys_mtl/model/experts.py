@@ -61,7 +61,8 @@ class MixtureLevel(nn.Module):
         self.register_buffer("gate_mask", mask, persistent=False)  # [G, E]
         self.register_buffer("owner", torch.tensor(owner), persistent=False)  # [E] input row of each expert
         self.experts = ExpertStack(num_experts, in_dim, cfg.expert_dims, cfg.dropout)
-        self.gates = nn.Parameter(torch.randn(num_gates, in_dim, num_experts) * 0.01)
+        # [D_in, G, E]: one matmul for all gates, and a contiguous gradient (DDP copies strided ones into its buckets)
+        self.gates = nn.Parameter(torch.randn(in_dim, num_gates, num_experts) * 0.01)
         self.num_gates = num_gates
 
     def forward(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
@@ -76,10 +77,10 @@ class MixtureLevel(nn.Module):
         """
         if inputs.shape[1] == 1:
             expert_out = self.experts(inputs[:, 0])  # [B, E, D_exp]
-            logits = torch.einsum("bi,gie->bge", inputs[:, 0], self.gates)  # [B, G, E]
+            logits = (inputs[:, 0] @ self.gates.flatten(1)).view(-1, *self.gates.shape[1:])  # [B, G, E]
         else:
             expert_out = self.experts(inputs[:, self.owner])  # [B, E, D_exp]
-            logits = torch.einsum("bgi,gie->bge", inputs[:, : self.num_gates], self.gates)  # [B, G, E]
+            logits = torch.einsum("bgi,ige->bge", inputs[:, : self.num_gates], self.gates)  # [B, G, E]
         gate_weights = logits.masked_fill(~self.gate_mask, float("-inf")).softmax(-1)  # [B, G, E]
         return torch.einsum("bge,bed->bgd", gate_weights, expert_out), gate_weights  # [B, G, D_exp]
 
