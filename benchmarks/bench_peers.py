@@ -132,6 +132,7 @@ def our_config(base: Config, dataset: Path, arch: str, args: argparse.Namespace,
         arch=arch,
         text_dim=0,
         cross_layers=0,
+        input_norm="batch",  # without cross layers and text, a batch norm on the features helps (README)
         num_experts=SHAPE["num_experts"],
         expert_dims=SHAPE["expert_dims"],
         tower_dims=SHAPE["tower_dims"],
@@ -190,6 +191,7 @@ def our_notes(cfg: Config, dataset: Dataset) -> list[str]:
         f"embeddings: fused row-wise Adagrad lr {cfg.optim.embedding_lr}; dense: {cfg.optim.dense} lr {cfg.optim.lr}"
         f" decayed {cfg.optim.decay}; loss {cfg.loss.reduction}-level, {cfg.loss.weighting} weighting",
         f"dense features through an MLP {list(cfg.model.dense_dims)}; gates: one softmax layer per task",
+        f"input_norm = {cfg.model.input_norm!r} on the concatenated features (no cross layers, no text here)",
         "samples/s: training loop incl. reading parquet batches (metrics.jsonl), validation and checkpoints excluded"
         + (" (but those between epochs are inside the cumulative rate)" if cfg.train.epochs > 1 else ""),
     ]

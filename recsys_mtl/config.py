@@ -50,7 +50,8 @@ class ModelConfig:
     dense_dims: tuple[int, ...] = (16,)
     text_dim: int = 32  # width of each text projection; 0 disables the text branch
     cross_layers: int = 2  # DCN-v2 cross layers on the concatenated features before the mixture; 0: none
-    input_norm: Literal["batch", "layer", "none"] = "batch"  # on the concatenated features (their scales differ)
+    # normalise the concatenated features (their scales differ): helps without cross layers and text, not with them
+    input_norm: Literal["batch", "layer", "none"] = "none"
     dropout: float = 0.0
 
     def __post_init__(self) -> None:

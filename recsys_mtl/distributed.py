@@ -124,8 +124,9 @@ def shard_model(model: MultiTaskRanker, cfg: Config, device: torch.device) -> Sh
         env=ShardingEnv.from_process_group(pg),
         device=device,
         plan=plan,
-        # not a static graph: the alternating schedule and frozen parts change which parameters get gradients
-        data_parallel_wrapper=DefaultDataParallelWrapper(static_graph=False, find_unused_parameters=True),
+        # every trainable dense parameter is in every step's graph (inactive tasks are weighted 0, frozen parts do not
+        # require grad), so DDP need not search the graph for unused ones; not static: the schedule varies the weights
+        data_parallel_wrapper=DefaultDataParallelWrapper(static_graph=False, find_unused_parameters=False),
     )
     dense = {
         name: param

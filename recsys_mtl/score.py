@@ -207,6 +207,8 @@ def score(
     mine = [s for s in shards if s.index % world_size == rank]
     todo = [s for s in mine if not _finished(out / s.name, s.num_rows)]
     summary = ScoreSummary(shards_skipped=len(mine) - len(todo))
+    if summary.shards_skipped:
+        log.info("rank %d: %d of its %d shards are already in %s", rank, summary.shards_skipped, len(mine), out)
     build = BatchBuilder(schema)
     bar = tqdm(
         total=sum(s.num_rows for s in todo),
