@@ -122,6 +122,12 @@ def load_checkpoint(path: Path, state: dict[str, Any]) -> None:
     dcp.load(state, storage_reader=SafeReader(Path(path)), no_dist=world()[1] == 1)
 
 
+def trained_checkpoint(run_dir: Path) -> Path:
+    """The checkpoint a trained run is used with: its best, else its last."""
+    best = Path(run_dir) / "checkpoints" / "best"
+    return best if best.exists() else Path(run_dir) / "checkpoints" / "last"
+
+
 def _barrier() -> None:
     if world()[1] > 1:
         dist.barrier()

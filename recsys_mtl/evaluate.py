@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from recsys_mtl.checkpoint import fingerprint, load_checkpoint, read_progress
+from recsys_mtl.checkpoint import fingerprint, load_checkpoint, read_progress, trained_checkpoint
 from recsys_mtl.config import load_config
 from recsys_mtl.data.batch import Batch
 from recsys_mtl.data.loader import Dataset, count_batches, read_batches
@@ -178,8 +178,7 @@ def load_trained(run_dir: Path, device: torch.device) -> tuple[Trainer, Dataset]
     cfg = load_config(run_dir / "config.toml")
     dataset = Dataset(cfg.dataset)
     trainer = build_trainer(cfg, dataset, device)
-    best = run_dir / "checkpoints" / "best"
-    checkpoint = best if best.exists() else run_dir / "checkpoints" / "last"
+    checkpoint = trained_checkpoint(run_dir)
     read_progress(checkpoint, fingerprint(cfg, dataset.schema))
     load_checkpoint(checkpoint, {"model": trainer.model.state_dict()})
     return trainer, dataset

@@ -26,7 +26,7 @@ from torch.ao.quantization import PlaceholderObserver, QConfig
 from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
 from tqdm import tqdm
 
-from recsys_mtl.checkpoint import PROGRESS_FILE, SafeReader, fingerprint, read_progress
+from recsys_mtl.checkpoint import PROGRESS_FILE, SafeReader, fingerprint, read_progress, trained_checkpoint
 from recsys_mtl.config import Config, load_config
 from recsys_mtl.data.loader import BatchBuilder
 from recsys_mtl.data.schema import KEY_PREFIX, SCHEMA_FILE, SPLITS, Schema, check_dataset
@@ -34,8 +34,7 @@ from recsys_mtl.distributed import world
 from recsys_mtl.files import atomic_write_text
 from recsys_mtl.model.losses import TaskSpec, predict, task_specs
 from recsys_mtl.model.ranker import MultiTaskRanker
-from recsys_mtl.text import load_text_vectors, read_texts
-from recsys_mtl.trainer import autocast
+from recsys_mtl.trainer import autocast, build_ranker
 
 log = logging.getLogger(__name__)
 MANIFEST_FILE = "scoring.json"
@@ -75,12 +74,6 @@ class ScoreSummary:
         return self.rows / self.seconds if self.seconds else 0.0
 
 
-def checkpoint_dir(run_dir: Path) -> Path:
-    """The run's best checkpoint, else its last."""
-    best = Path(run_dir) / "checkpoints" / "best"
-    return best if best.exists() else Path(run_dir) / "checkpoints" / "last"
-
-
 def load_scoring_model(
     run_dir: Path, device: torch.device, int8: bool = False
 ) -> tuple[Config, Schema, MultiTaskRanker, tuple[TaskSpec, ...]]:
@@ -95,13 +88,9 @@ def load_scoring_model(
     """
     cfg = load_config(Path(run_dir) / "config.toml")
     schema = Schema.load(Path(cfg.dataset))
-    checkpoint = checkpoint_dir(run_dir)
+    checkpoint = trained_checkpoint(run_dir)
     read_progress(checkpoint, fingerprint(cfg, schema))
-    use_text = cfg.model.text_dim > 0 and bool(schema.texts)
-    finetune = use_text and cfg.text.finetune_layers > 0
-    vectors = load_text_vectors(Path(cfg.dataset), schema, cfg.text) if use_text and not finetune else {}
-    texts = read_texts(Path(cfg.dataset), schema) if finetune else None
-    model = MultiTaskRanker(cfg, schema, {name: v.shape[1] for name, v in vectors.items()}, texts, device)
+    model, _ = build_ranker(cfg, Path(cfg.dataset), schema, device)  # its text tables come from the checkpoint
     dcp.load({"model": model.state_dict()}, storage_reader=SafeReader(checkpoint), no_dist=True)
     if int8:
         qconfig = QConfig(activation=PlaceholderObserver, weight=PlaceholderObserver.with_args(dtype=torch.qint8))
@@ -193,11 +182,12 @@ def score(
     cfg, schema, model, specs = load_scoring_model(run_dir, device, int8)
     if encoder is None:
         _check_prepared_input(inp, schema, split)
+    checkpoint = trained_checkpoint(run_dir)
     shards = plan_shards(input_files(inp, split, raw=encoder is not None), rows_per_shard)
     manifest = {
         "run": str(Path(run_dir).resolve()),
-        "checkpoint": str(checkpoint_dir(run_dir).resolve()),
-        "checkpoint_written_ns": (checkpoint_dir(run_dir) / PROGRESS_FILE).stat().st_mtime_ns,  # a retrained run
+        "checkpoint": str(checkpoint.resolve()),
+        "checkpoint_written_ns": (checkpoint / PROGRESS_FILE).stat().st_mtime_ns,  # a retrained run differs
         "input": str(inp.resolve()),
         "split": split if encoder is None else None,
         "int8": int8,

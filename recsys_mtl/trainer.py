@@ -2,6 +2,7 @@
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -11,6 +12,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from recsys_mtl.config import Config
 from recsys_mtl.data.batch import Batch
 from recsys_mtl.data.loader import Dataset
+from recsys_mtl.data.schema import Schema
 from recsys_mtl.distributed import ShardedRanker, shard_model
 from recsys_mtl.model.embeddings import TEXT_TABLE_PREFIX, write_table
 from recsys_mtl.model.losses import MultiTaskLoss, TaskSpec, active_tasks, predict, task_specs
@@ -34,6 +36,19 @@ class Trainer:
         return self.sharded.model
 
 
+def build_ranker(
+    cfg: Config, folder: Path, schema: Schema, device: torch.device | None = None
+) -> tuple[MultiTaskRanker, dict[str, Tensor]]:
+    """The ranker for `cfg` (on the meta device unless `device` is given) and the text vectors of its frozen text
+    tables (empty without text or when BERT is fine-tuned inside the model)."""
+    use_text = cfg.model.text_dim > 0 and bool(schema.texts)
+    finetune = use_text and cfg.text.finetune_layers > 0
+    vectors = load_text_vectors(folder, schema, cfg.text) if use_text and not finetune else {}
+    texts = read_texts(folder, schema) if finetune else None
+    text_dims = {name: v.shape[1] for name, v in vectors.items()}
+    return MultiTaskRanker(cfg, schema, text_dims, texts, device), vectors
+
+
 def build_trainer(cfg: Config, dataset: Dataset, device: torch.device) -> Trainer:
     """Model (with text vectors loaded into its frozen tables), sharding, optimizers and loss for `cfg`.
 
@@ -43,12 +58,7 @@ def build_trainer(cfg: Config, dataset: Dataset, device: torch.device) -> Traine
     schema = dataset.schema
     specs = task_specs(cfg, schema)
     torch.manual_seed(cfg.train.seed)
-    use_text = cfg.model.text_dim > 0 and bool(schema.texts)
-    finetune = use_text and cfg.text.finetune_layers > 0
-    vectors = load_text_vectors(dataset.folder, schema, cfg.text) if use_text and not finetune else {}
-    texts = read_texts(dataset.folder, schema) if finetune else None
-    text_dims = {name: v.shape[1] for name, v in vectors.items()}
-    model = MultiTaskRanker(cfg, schema, text_dims, texts)
+    model, vectors = build_ranker(cfg, dataset.folder, schema)
     sharded = shard_model(model, cfg, device)
     for name, table in vectors.items():
         write_table(sharded.model, TEXT_TABLE_PREFIX + name, table.to(device))
