@@ -7,7 +7,6 @@ import sys
 import warnings
 from pathlib import Path
 
-USER_ERRORS = (ValueError, KeyError, FileNotFoundError, FileExistsError)
 # third-party deprecation notices that say nothing about the user's run (shown with --verbose)
 KNOWN_WARNINGS = (
     ".*HeuristicalStorageReservation.*",
@@ -75,12 +74,13 @@ def _train(args: argparse.Namespace) -> None:
 
     from recsys_mtl.config import load_config
     from recsys_mtl.distributed import destroy_process_group
+    from recsys_mtl.errors import InputError
     from recsys_mtl.train import train
 
     cfg = load_config(args.config, args.set)
     run_dir = args.out or (Path(cfg.run_dir) if cfg.run_dir else None)
     if run_dir is None:
-        raise ValueError("give --out RUN_DIR or run_dir in the config")
+        raise InputError("give --out RUN_DIR or run_dir in the config")
     cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
     failed = True
     try:
@@ -293,9 +293,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         for pattern in KNOWN_WARNINGS:
             warnings.filterwarnings("ignore", message=pattern)
+    from recsys_mtl.errors import InputError
+
     try:
         args.func(args)
-    except USER_ERRORS as err:
+    except InputError as err:  # bad input: one line; anything else is a bug and keeps its traceback
         print(f"recsys-mtl {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -1,10 +1,16 @@
-"""Atomic output: everything is written under a temporary sibling and renamed into place at the end."""
+"""Output that never harms input: written under a temporary sibling and renamed into place, never over or inside an
+input, and one writer at a time."""
 
+import fcntl
 import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from recsys_mtl.errors import InputError, OutputExistsError
+
+LOCK_FILE = ".lock"
 
 
 @contextmanager
@@ -14,11 +20,11 @@ def atomic_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     A failure (or a kill) leaves `out` as it was, and the temporary folder is removed on failure.
 
     Raises:
-        FileExistsError: `out` exists and `overwrite` is false.
+        OutputExistsError: `out` exists and `overwrite` is false.
     """
     out = Path(out)
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it")
+        raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -43,3 +49,42 @@ def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+def check_output(out: Path, *inputs: Path) -> None:
+    """Refuse an output folder that is, contains or lies inside one of `inputs` (writing it could destroy them).
+
+    Raises:
+        InputError: naming both paths.
+    """
+    target = Path(out).resolve()
+    for inp in inputs:
+        source = Path(inp).resolve()
+        if target == source or source.is_relative_to(target) or target.is_relative_to(source):
+            raise InputError(f"--out {out} is, contains or lies inside the input {inp}; choose a folder outside it")
+
+
+@contextmanager
+def locked(folder: Path) -> Iterator[None]:
+    """Hold `folder` for one writer while the block runs (an exclusive flock on `folder/.lock`, created if needed).
+
+    The kernel releases the lock when its holder exits or is killed, so a killed writer's lock is taken over at once.
+
+    Raises:
+        OutputExistsError: another live process holds `folder`.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / LOCK_FILE).open("a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            raise OutputExistsError(
+                f"{folder} is in use by another process ({handle.read().strip() or 'unknown'}); "
+                "wait for it to finish or choose another folder"
+            ) from None
+        handle.truncate(0)
+        handle.write(f"pid {os.getpid()}\n")
+        handle.flush()
+        yield

@@ -7,6 +7,8 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
+from recsys_mtl.errors import InputError, MissingInputError
+
 T = TypeVar("T")
 
 
@@ -14,16 +16,16 @@ def read_toml(path: Path) -> dict[str, Any]:
     """Parse a TOML file, naming the file in any error.
 
     Raises:
-        FileNotFoundError: the file does not exist.
-        ValueError: the file is not valid TOML.
+        MissingInputError: the file does not exist.
+        InputError: the file is not valid TOML (or not text).
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+        raise MissingInputError(f"{path}: no such file")
     try:
         return tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise ValueError(f"{path}: invalid TOML: {err}") from err
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{path}: invalid TOML: {err}") from err
 
 
 def from_mapping(cls: type[T], data: Any, source: str, prefix: str = "") -> T:
@@ -36,16 +38,16 @@ def from_mapping(cls: type[T], data: Any, source: str, prefix: str = "") -> T:
         prefix: the dotted key of this table within the source ("" at the top).
 
     Raises:
-        ValueError: unknown key, missing key, or a value of the wrong type; the message names the key and the source.
+        InputError: unknown key, missing key, or a value of the wrong type; the message names the key and the source.
     """
     where = f"[{prefix}] in {source}" if prefix else source
     if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a table, got {data!r}")
+        raise InputError(f"{where}: expected a table, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     hints = typing.get_type_hints(cls)
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ValueError(
+        raise InputError(
             f"unknown key {prefix + '.' if prefix else ''}{unknown[0]} in {source} (expected one of {sorted(fields)})"
         )
     kwargs = {}
@@ -54,11 +56,11 @@ def from_mapping(cls: type[T], data: Any, source: str, prefix: str = "") -> T:
         if name in data:
             kwargs[name] = _convert(hints[name], data[name], key, source)
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
-            raise ValueError(f"missing key {key} in {source}")
+            raise InputError(f"missing key {key} in {source}")
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"{where}: {err}") from err
+        raise InputError(f"{where}: {err}") from err
 
 
 def _convert(hint: Any, value: Any, key: str, source: str) -> Any:
@@ -68,7 +70,7 @@ def _convert(hint: Any, value: Any, key: str, source: str) -> Any:
         return from_mapping(hint, value, source, key)  # type: ignore[arg-type]
     if origin is Literal:
         if value not in args:
-            raise ValueError(f"{where}: expected one of {list(args)}, got {value!r}")
+            raise InputError(f"{where}: expected one of {list(args)}, got {value!r}")
         return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
@@ -77,26 +79,26 @@ def _convert(hint: Any, value: Any, key: str, source: str) -> Any:
         for arg in (a for a in args if a is not type(None)):
             try:
                 return _convert(arg, value, key, source)
-            except ValueError as err:
+            except InputError as err:
                 errors.append(str(err))
-        raise ValueError(errors[0])
+        raise InputError(errors[0])
     if origin is tuple:
         if not isinstance(value, list | tuple):
-            raise ValueError(f"{where}: expected a list, got {value!r}")
+            raise InputError(f"{where}: expected a list, got {value!r}")
         item_hint = args[0] if args else Any
         return tuple(_convert(item_hint, v, f"{key}[{i}]", source) for i, v in enumerate(value))
     if origin is dict:
         if not isinstance(value, dict):
-            raise ValueError(f"{where}: expected a table, got {value!r}")
+            raise InputError(f"{where}: expected a table, got {value!r}")
         return {k: _convert(args[1], v, f"{key}.{k}", source) for k, v in value.items()}
     if hint is Any:
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint in (int, float) and isinstance(value, bool):
-        raise ValueError(f"{where}: expected {hint.__name__}, got {value!r}")
+        raise InputError(f"{where}: expected {hint.__name__}, got {value!r}")
     if not isinstance(value, hint):
-        raise ValueError(f"{where}: expected {hint.__name__}, got {value!r}")
+        raise InputError(f"{where}: expected {hint.__name__}, got {value!r}")
     return value
 
 
