@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from recsys_mtl.data.schema import FeatureKind, TaskKind, Transform
+from recsys_mtl.data.schema import FeatureKind, TaskKind, Transform, check_table_memory
 from recsys_mtl.structs import from_mapping, read_toml
 
 DESCRIPTIONS = Path(__file__).parent / "descriptions"
@@ -35,6 +35,8 @@ class TableDesc:
     def __post_init__(self) -> None:
         if self.min_count < 1 or self.hash_buckets < 0:
             raise ValueError(f"min_count must be >= 1 and hash_buckets >= 0, got {self.min_count}, {self.hash_buckets}")
+        if self.embedding_dim is not None and (self.embedding_dim < 4 or self.embedding_dim % 4):
+            raise ValueError(f"embedding_dim must be a positive multiple of 4, got {self.embedding_dim}")
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,11 @@ class Description:
     def __post_init__(self) -> None:
         if not self.labels:
             raise ValueError("a description needs at least one label")
+        if self.embedding_dim < 4 or self.embedding_dim % 4 or min(self.rows_per_shard, self.row_group_size) < 1:
+            raise ValueError(
+                f"embedding_dim must be a positive multiple of 4, rows_per_shard and row_group_size >= 1; got "
+                f"{self.embedding_dim}, {self.rows_per_shard}, {self.row_group_size}"
+            )
         if self.split.method != "files" and not self.rows:
             raise ValueError(f"rows must name the raw row files for split.method = {self.split.method!r}")
         names = [f.name for f in self.features] + [t.name for t in self.texts] + [label.name for label in self.labels]
@@ -155,8 +162,16 @@ class Description:
 
 
 def load_description(path: Path | str) -> Description:
-    """Load a description: a path, or the name of a shipped one ("synthetic", "ali_ccp", "reviews")."""
+    """Load a description: a path, or the name of a shipped one ("synthetic", "ali_ccp", "reviews").
+
+    Raises:
+        MissingInputError: neither a file nor a shipped description.
+        InputError: invalid TOML, an unknown key or a bad value, or hashed tables too large for this machine's memory.
+    """
     path = Path(path)
     if not path.suffix and not path.exists():
         path = DESCRIPTIONS / f"{path}.toml"
-    return from_mapping(Description, read_toml(path), str(path))
+    desc = from_mapping(Description, read_toml(path), str(path))
+    hashed = [(name, t.hash_buckets + 1, t.embedding_dim or desc.embedding_dim) for name, t in desc.tables.items()]
+    check_table_memory([table for table in hashed if table[1] > 1], path)  # vocabularies are sized by prepare
+    return desc

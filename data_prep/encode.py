@@ -12,7 +12,8 @@ from pathlib import Path
 import polars as pl
 
 from data_prep.description import Description, FeatureDesc, load_description
-from recsys_mtl.data.schema import KEY_PREFIX, Schema, TableSpec
+from recsys_mtl.data.schema import KEY_PREFIX, Schema, TableSpec, read_table
+from recsys_mtl.errors import InputError, MissingInputError, reading
 
 ENCODED = "__encoded_"
 DESCRIPTION_FILE = "description.toml"
@@ -119,25 +120,74 @@ def find_files(raw: Path, pattern: str) -> list[Path]:
     """The files under `raw` that `pattern` (a name or a glob) names.
 
     Raises:
-        FileNotFoundError: none.
+        MissingInputError: none.
     """
     files = sorted(raw.glob(pattern)) if any(c in pattern for c in "*?[") else [raw / pattern]
     files = [f for f in files if f.is_file()]
     if not files:
-        raise FileNotFoundError(f"no raw file matches {pattern!r} under {raw}")
+        raise MissingInputError(f"no raw file matches {pattern!r} under {raw}")
     return files
 
 
 def scan_raw(files: list[Path], desc: Description, file_column: str | None = None) -> pl.LazyFrame:
-    """Parquet, csv or tsv files as one lazy frame (csv nulls as the description says)."""
+    """Parquet, csv or tsv files as one lazy frame (csv nulls as the description says).
+
+    Each file's header is read here, so that an empty, truncated or foreign file is refused by name. Parquet files
+    must agree on their columns and dtypes (polars unifies csv files itself).
+
+    Raises:
+        InputError: mixed or unknown suffixes, a file that cannot be read, or parquet files that disagree.
+    """
     suffixes = {f.suffix for f in files}
     if suffixes == {".parquet"}:
+        _check_parquet_files(files)
         return pl.scan_parquet(files, include_file_paths=file_column)
     if suffixes <= {".csv", ".tsv"}:
-        separator = "\t" if suffixes == {".tsv"} else ","
-        nulls = list(desc.csv_null_values) or None
-        return pl.scan_csv(files, separator=separator, null_values=nulls, include_file_paths=file_column)
-    raise ValueError(f"raw files must be .parquet, .csv or .tsv, got {sorted(suffixes)} in {files[0].parent}")
+        options = {
+            "separator": "\t" if suffixes == {".tsv"} else ",",
+            "null_values": list(desc.csv_null_values) or None,
+        }
+        for f in files:
+            with reading(f):
+                pl.scan_csv(f, **options).collect_schema()  # reads the header and the first rows
+        return pl.scan_csv(files, include_file_paths=file_column, **options)
+    raise InputError(f"raw files must be .parquet, .csv or .tsv, got {sorted(suffixes)} in {files[0].parent}")
+
+
+def _check_parquet_files(files: list[Path]) -> None:
+    """Refuse a parquet file that cannot be read, or whose columns or dtypes differ from the first file's."""
+    first, theirs = files[0], {}
+    for f in files:
+        with reading(f):
+            schema = dict(pl.read_parquet_schema(f))
+        theirs = theirs or schema
+        differ = [c for c in {**theirs, **schema} if theirs.get(c) != schema.get(c)]
+        if differ:
+            raise InputError(
+                f"{f}: column {differ[0]!r} is {schema.get(differ[0], 'absent')} here but "
+                f"{theirs.get(differ[0], 'absent')} in {first}; the raw files of one table must agree"
+            )
+
+
+def check_dtypes(available: pl.Schema, desc: Description, where: str) -> None:
+    """Refuse raw columns of a dtype their role cannot take: dense features and labels need numbers, multi-hot
+    features a list (or a `separator`). Absent labels are skipped.
+
+    Raises:
+        InputError: naming `where`, the column, its role and its dtype.
+    """
+    for f in desc.features:
+        dtype = available[f.source]
+        if f.kind == "multi_hot" and not isinstance(dtype, pl.List) and f.separator is None:
+            raise InputError(
+                f"{where}: column {f.source!r} (multi_hot {f.name!r}) has dtype {dtype}: give a list or a separator"
+            )
+        if f.kind == "dense" and not dtype.is_numeric():
+            raise InputError(f"{where}: column {f.source!r} (dense {f.name!r}) has dtype {dtype}, expected numbers")
+    for label in desc.labels:
+        dtype = available.get(label.source)
+        if dtype is not None and not dtype.is_numeric():
+            raise InputError(f"{where}: label column {label.source!r} has dtype {dtype}, expected numbers")
 
 
 def _feature_column(f: FeatureDesc) -> pl.Expr:
@@ -145,9 +195,15 @@ def _feature_column(f: FeatureDesc) -> pl.Expr:
 
 
 def unique_side_table(side: pl.LazyFrame, on: str, path: Path) -> pl.LazyFrame:
-    """`side` itself, after checking that its join key is unique (else a left join would repeat rows)."""
-    if side.select(pl.col(on).is_duplicated().any()).collect().item():
-        raise ValueError(f"{path}: join key {on!r} is not unique, so the join would repeat rows")
+    """`side` itself, after checking that its join key is unique (else a left join would repeat rows).
+
+    Raises:
+        InputError: the key repeats, or `path` cannot be read.
+    """
+    with reading(path):
+        duplicated = side.select(pl.col(on).is_duplicated().any()).collect().item()
+    if duplicated:
+        raise InputError(f"{path}: join key {on!r} is not unique, so the join would repeat rows")
     return side
 
 
@@ -163,18 +219,18 @@ class RawEncoder:
         folder = Path(folder)
         path = folder / DESCRIPTION_FILE
         if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: prepare the dataset again to score raw rows with it")
+            raise MissingInputError(f"{path} is missing: prepare the dataset again to score raw rows with it")
         self.desc = load_description(path)
         self.schema = Schema.load(folder)
         self.side_dir = Path(side_dir) if side_dir is not None else Path(self.schema.source)
         self.tables = {t.name: t for t in self.schema.tables}
         self.vocabs = {
-            t.name: pl.read_parquet(folder / "vocab" / f"{t.name}.parquet")
+            t.name: read_table(folder / "vocab" / f"{t.name}.parquet")
             for t in self.schema.tables
             if t.encoding == "vocab"
         }
         self.text_encoders = [
-            text_encoder(t.key, pl.read_parquet(folder / "text" / f"{t.name}.parquet"), t.name) for t in self.desc.texts
+            text_encoder(t.key, read_table(folder / "text" / f"{t.name}.parquet"), t.name) for t in self.desc.texts
         ]
         self._sides: dict[str, pl.DataFrame] = {}
 
@@ -182,8 +238,9 @@ class RawEncoder:
         """Encode raw rows `df` (read from `source`, named in errors): the same rows, in order, as shard columns.
 
         Raises:
-            FileNotFoundError: a side table needed for missing columns is not under `side_dir`.
-            ValueError: a feature, text key or key column is missing.
+            MissingInputError: a side table needed for missing columns is not under `side_dir`.
+            InputError: a feature, text key or key column is missing, or a column has a dtype its role cannot take
+                (a dense feature or label that is not numeric, an id that does not cast to its vocabulary's dtype).
         """
         desc = self.desc
         df = df.rename({k: v for k, v in desc.rename.items() if k in df.columns})
@@ -191,7 +248,7 @@ class RawEncoder:
         for join in desc.joins:
             wanted = [c for c in join.columns if c not in df.columns]
             if wanted and join.on not in lf.collect_schema():
-                raise ValueError(f"{source}: column {join.on!r} (to join {wanted} from {join.path}) is missing")
+                raise InputError(f"{source}: column {join.on!r} (to join {wanted} from {join.path}) is missing")
             if wanted:
                 side = self._side(join.path, join.on, wanted, source)
                 lf = lf.join(side, on=join.on, how="left", maintain_order="left")
@@ -200,21 +257,24 @@ class RawEncoder:
         needed += [(t.key, f"text {t.name!r} key") for t in desc.texts] + [(k, "key") for k in desc.keys]
         for column, role in needed:
             if column not in available:
-                raise ValueError(f"{source}: column {column!r} ({role}) is missing; the rows have {sorted(available)}")
+                raise InputError(f"{source}: column {column!r} ({role}) is missing; the rows have {sorted(available)}")
+        check_dtypes(available, desc, source)
         absent = [label.source for label in desc.labels if label.source not in available]
         lf = lf.with_columns(pl.lit(None, pl.Float32).alias(c) for c in absent)
         for encode in [*feature_encoders(desc, self.tables, self.vocabs, available).values(), *self.text_encoders]:
             lf = encode(lf)
-        return lf.select(shard_columns(desc)).collect()
+        with reading(source):  # e.g. an id column of strings where the vocabulary holds numbers
+            return lf.select(shard_columns(desc)).collect()
 
     def _side(self, pattern: str, on: str, columns: list[str], source: str) -> pl.LazyFrame:
         if pattern not in self._sides:
             try:
                 files = find_files(self.side_dir, pattern)
-            except FileNotFoundError:
-                raise FileNotFoundError(
+            except MissingInputError:
+                raise MissingInputError(
                     f"{source}: columns {columns} are missing, and the side table {pattern!r} to join them from is "
                     f"not under {self.side_dir} (pass the raw folder that has it)"
                 ) from None
-            self._sides[pattern] = unique_side_table(scan_raw(files, self.desc), on, files[0]).collect()
+            with reading(files[0]):
+                self._sides[pattern] = unique_side_table(scan_raw(files, self.desc), on, files[0]).collect()
         return self._sides[pattern].lazy().select(on, *columns)

@@ -15,6 +15,7 @@ from data_prep.description import Description, FeatureDesc, LabelDesc, TextDesc
 from data_prep.encode import (
     DESCRIPTION_FILE,
     Encoder,
+    check_dtypes,
     feature_encoders,
     features_by_table,
     find_files,
@@ -36,7 +37,8 @@ from recsys_mtl.data.schema import (
     TextSpec,
     check_dataset,
 )
-from recsys_mtl.files import atomic_dir, atomic_write_text
+from recsys_mtl.errors import InputError, reading
+from recsys_mtl.files import atomic_dir, atomic_write_text, check_output
 from recsys_mtl.structs import to_mapping
 
 log = logging.getLogger(__name__)
@@ -51,15 +53,20 @@ def prepare(raw: Path, out: Path, desc: Description, overwrite: bool = False) ->
         The schema written to `out/schema.toml`.
 
     Raises:
-        FileNotFoundError: a raw file named by the description is missing.
-        ValueError: a raw column is missing or has the wrong type, a label is outside its domain, a split is empty.
+        MissingInputError: a raw file named by the description is missing.
+        OutputExistsError: `out` exists and not `overwrite`.
+        InputError: `out` is, contains or lies inside `raw`; a raw file cannot be read, or its parquet files
+            disagree; a raw column is missing or has the wrong type; in any split, a label is outside its domain (NaN
+            included) or a dense value is not finite (or negative under log1p); a split is empty.
     """
     raw = Path(raw)
-    rows = _scan_rows(raw, desc)
-    _check_columns(rows, desc)
-    _check_labels(rows, desc.labels)
-    train = rows.filter(pl.col(SPLIT) == "train")
-    with atomic_dir(out, overwrite) as tmp:
+    check_output(out, raw)
+    # polars reads lazily: a raw file it cannot parse fails at the first collect or sink, anywhere below
+    with atomic_dir(out, overwrite) as tmp, reading(raw):
+        rows = _scan_rows(raw, desc)
+        _check_columns(rows, desc, raw)
+        _check_values(rows, desc, raw)
+        train = rows.filter(pl.col(SPLIT) == "train")
         log.info("building vocabularies from the train split")
         tables, vocabs = _build_tables(train, desc, tmp / "vocab")
         encoders = feature_encoders(desc, {t.name: t for t in tables}, vocabs, train.collect_schema())
@@ -80,10 +87,7 @@ def prepare(raw: Path, out: Path, desc: Description, overwrite: bool = False) ->
             tables=tuple(tables),
             features=features,
             texts=tuple(texts),
-            labels=tuple(
-                LabelSpec(column=label.name, task=label.task, kind=label.kind, min=label.min, max=label.max)
-                for label in desc.labels
-            ),
+            labels=tuple(_label_spec(label) for label in desc.labels),
             keys=desc.keys,
             splits=splits,
             oracle=_oracle(raw, desc),
@@ -99,10 +103,11 @@ def _oracle(raw: Path, desc: Description) -> OracleSpec | None:
     if desc.oracle is None:
         return None
     files = find_files(raw, desc.oracle.path)
-    names = pl.read_parquet_schema(files[0])
+    with reading(files[0]):
+        names = pl.read_parquet_schema(files[0])
     missing = [c for c in (desc.oracle.key, *desc.oracle.columns.values()) if c not in names]
     if missing:
-        raise ValueError(f"{files[0]}: oracle column {missing[0]!r} is missing")
+        raise InputError(f"{files[0]}: oracle column {missing[0]!r} is missing")
     return OracleSpec(files=tuple(str(f.resolve()) for f in files), key=desc.oracle.key, columns=desc.oracle.columns)
 
 
@@ -128,9 +133,15 @@ def _scan_rows(raw: Path, desc: Description) -> pl.LazyFrame:
         names = side.collect_schema().names()
         missing = [c for c in (join.on, *join.columns) if c not in names]
         if missing:
-            raise ValueError(f"{path[0]}: column {missing[0]!r} named by the join on {join.on!r} is missing")
-        if rows.select(join.on).collect_schema().get(join.on) is None:
-            raise ValueError(f"join on {join.on!r}: the raw rows have no column {join.on!r}")
+            raise InputError(f"{path[0]}: column {missing[0]!r} named by the join on {join.on!r} is missing")
+        dtype = rows.collect_schema().get(join.on)
+        if dtype is None:
+            raise InputError(f"join on {join.on!r}: the raw rows have no column {join.on!r}")
+        side_dtype = side.collect_schema()[join.on]
+        if side_dtype != dtype:
+            raise InputError(
+                f"{path[0]}: join key {join.on!r} is {side_dtype} here but {dtype} in the raw rows; give both one dtype"
+            )
         side = unique_side_table(side.select(join.on, *join.columns), join.on, path[0])
         rows = rows.join(side, on=join.on, how="left", maintain_order="left")
     if split.method == "time":
@@ -149,7 +160,7 @@ def _scan_rows(raw: Path, desc: Description) -> pl.LazyFrame:
     return rows
 
 
-def _check_columns(rows: pl.LazyFrame, desc: Description) -> None:
+def _check_columns(rows: pl.LazyFrame, desc: Description, raw: Path) -> None:
     available = rows.collect_schema()
     needed = [(f.source, f"feature {f.name!r}") for f in desc.features]
     needed += [(label.source, f"label {label.name!r}") for label in desc.labels]
@@ -159,27 +170,18 @@ def _check_columns(rows: pl.LazyFrame, desc: Description) -> None:
     needed += [(desc.split.column, "split.column")] if desc.split.column else []
     for column, role in needed:
         if column not in available:
-            raise ValueError(
-                f"column {column!r} ({role}) is not in the raw rows or joined tables of {desc.name!r}; "
+            raise InputError(
+                f"{raw}: column {column!r} ({role}) is not in the raw rows or joined tables of {desc.name!r}; "
                 f"available: {sorted(c for c in available if not c.startswith('__'))}"
             )
-    for f in desc.features:
-        dtype = available[f.source]
-        if f.kind == "multi_hot" and not isinstance(dtype, pl.List) and f.separator is None:
-            raise ValueError(
-                f"column {f.source!r} (multi_hot {f.name!r}) has dtype {dtype}: give a list or a separator"
-            )
-        if f.kind == "dense" and not dtype.is_numeric():
-            raise ValueError(f"column {f.source!r} (dense {f.name!r}) has dtype {dtype}, expected numbers")
+    check_dtypes(available, desc, str(raw))
+
+
+def _check_values(rows: pl.LazyFrame, desc: Description, raw: Path) -> None:
+    """Refuse, in every split, a label outside its domain (NaN and inf included) and a dense value that is not finite
+    as float32 or, under log1p, negative; naming the raw file of the first bad value, the column and the count."""
+    checks = {}  # name -> (role, raw column, bad rows, what was expected)
     for label in desc.labels:
-        if not available[label.source].is_numeric():
-            raise ValueError(f"label column {label.source!r} has dtype {available[label.source]}, expected numbers")
-
-
-def _check_labels(rows: pl.LazyFrame, labels: tuple[LabelDesc, ...]) -> None:
-    """Refuse a raw label outside its domain, naming the first raw file and value that break it."""
-    bad = {}
-    for label in labels:
         value = pl.col(label.source).cast(pl.Float64)
         if label.kind == "binary":
             ok = value.is_in([0.0, 1.0])
@@ -187,16 +189,26 @@ def _check_labels(rows: pl.LazyFrame, labels: tuple[LabelDesc, ...]) -> None:
             ok = (value >= 0) & (value == value.floor())
         else:
             ok = value.is_between(label.min, label.max)
-        bad[label] = ok.not_() & value.is_not_null()
-    counts = rows.select(expr.sum().alias(label.name) for label, expr in bad.items()).collect().row(0, named=True)
-    for label, expr in bad.items():
-        if counts[label.name]:
-            first = rows.filter(expr).select(FILE, label.source).head(1).collect().row(0)
-            spec = LabelSpec(column=label.name, task=label.task, kind=label.kind, min=label.min, max=label.max)
-            raise ValueError(
-                f"{first[0]}: label column {label.source!r} has {first[1]!r} ({counts[label.name]} such rows), "
-                f"expected {spec.domain()}"
+        bad = (value.is_finite() & ok).not_() & value.is_not_null()
+        checks[label.name] = ("label", label.source, bad, f"{_label_spec(label).domain()}, or null for an absent label")
+    for f in (f for f in desc.features if f.kind == "dense"):
+        value = pl.col(f.source).cast(pl.Float32)  # as the shards store it
+        checks[f.name] = ("dense", f.source, value.is_finite().not_(), "finite float32 numbers, or null")
+        if f.transform == "log1p":
+            checks[f"{f.name}/log1p"] = ("dense", f.source, value < 0, "numbers >= 0 (transform = 'log1p'), or null")
+    counts = rows.select(bad.sum().alias(name) for name, (_, _, bad, _) in checks.items()).collect().row(0, named=True)
+    side_files = {column: raw / join.path for join in desc.joins for column in join.columns}
+    for name, (role, column, bad, expected) in checks.items():
+        if counts[name]:
+            file, value = rows.filter(bad).select(FILE, column).head(1).collect().row(0)
+            raise InputError(
+                f"{side_files.get(column, file)}: {role} column {column!r} has {value!r} ({counts[name]} such rows "
+                f"in all splits), expected {expected}"
             )
+
+
+def _label_spec(label: LabelDesc) -> LabelSpec:
+    return LabelSpec(column=label.name, task=label.task, kind=label.kind, min=label.min, max=label.max)
 
 
 def _build_tables(
@@ -244,7 +256,7 @@ def _build_text(
         source = scan_raw(path, desc)
         missing = [c for c in (text.key, *text.columns) if c not in source.collect_schema()]
         if missing:
-            raise ValueError(f"{path[0]}: column {missing[0]!r} of text {text.name!r} is missing")
+            raise InputError(f"{path[0]}: column {missing[0]!r} of text {text.name!r} is missing")
     body = pl.concat_str([pl.col(c).cast(pl.String) for c in text.columns], separator=TEXT_SEPARATOR, ignore_nulls=True)
     table = (
         source.select(pl.col(text.key).alias("key"), body.str.strip_chars().alias("text"))
@@ -261,7 +273,7 @@ def _build_text(
 
 
 def _dense_stats(train: pl.LazyFrame, features: list[FeatureDesc]) -> dict[str, FeatureSpec]:
-    """Mean and std of each dense feature on the train split, after its transform."""
+    """Mean and std of each dense feature on the train split, after its transform (the values are checked)."""
     if not features:
         return {}
     exprs = []
@@ -269,12 +281,9 @@ def _dense_stats(train: pl.LazyFrame, features: list[FeatureDesc]) -> dict[str, 
         value = pl.col(f.source).cast(pl.Float64)
         value = value.log1p() if f.transform == "log1p" else value
         exprs += [value.mean().alias(f"{f.name}/mean"), value.std().alias(f"{f.name}/std")]
-        exprs.append(pl.col(f.source).min().cast(pl.Float64).alias(f"{f.name}/min"))
     stats = train.select(exprs).collect().row(0, named=True)
     specs = {}
     for f in features:
-        if f.transform == "log1p" and stats[f"{f.name}/min"] is not None and stats[f"{f.name}/min"] < 0:
-            raise ValueError(f"column {f.source!r} (dense {f.name!r}) has {stats[f'{f.name}/min']}; log1p needs >= 0")
         std = stats[f"{f.name}/std"]
         specs[f.name] = FeatureSpec(
             name=f.name,
@@ -294,5 +303,5 @@ def _sink_split(encoded: pl.LazyFrame, split: str, out: Path, desc: Description)
     files = sorted((out / split).glob("*.parquet"))
     num_rows = sum(pl.scan_parquet(f).select(pl.len()).collect().item() for f in files)
     if num_rows == 0:
-        raise ValueError(f"split {split!r} of {desc.name!r} has no rows; check the [split] settings of the description")
+        raise InputError(f"split {split!r} of {desc.name!r} has no rows; check the [split] settings of the description")
     return SplitSpec(files=tuple(str(f.relative_to(out)) for f in files), num_rows=num_rows)

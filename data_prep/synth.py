@@ -19,6 +19,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from data_prep import words
+from recsys_mtl.errors import InputError
 from recsys_mtl.files import atomic_dir, atomic_write_text
 
 USER_ID_OFFSET, ITEM_ID_OFFSET, AD_ID_OFFSET = 1, 1_000_001, 9_000_001
@@ -44,11 +45,11 @@ class WorldConfig:
     def __post_init__(self) -> None:
         for name in ("impressions", "users", "items", "ads", "latent_dim", "chunk_rows"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+                raise InputError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.days < 3:
-            raise ValueError(f"--days must be >= 3 (train, valid and test take whole days), got {self.days}")
+            raise InputError(f"--days must be >= 3 (train, valid and test take whole days), got {self.days}")
         if self.items < 2 * len(words.PRODUCT_CATEGORIES):
-            raise ValueError(f"--items must be >= {2 * len(words.PRODUCT_CATEGORIES)}, got {self.items}")
+            raise InputError(f"--items must be >= {2 * len(words.PRODUCT_CATEGORIES)}, got {self.items}")
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:

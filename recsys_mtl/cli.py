@@ -160,6 +160,9 @@ def _score(args: argparse.Namespace) -> None:
     missing = [f"{name} {count:,}" for name, count in summary.missing_text.items() if count]
     if missing:
         print("rows whose key has no text vector (scored with the empty text): " + ", ".join(missing))
+    non_finite = [f"{name} {count:,}" for name, count in summary.non_finite.items() if count]
+    if non_finite:
+        print("rows with an inf / NaN dense value (scored as if it were missing): " + ", ".join(non_finite))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 import tomli_w
 
+from recsys_mtl.errors import InputError
 from recsys_mtl.files import atomic_write_text
 from recsys_mtl.structs import from_mapping, read_toml, to_mapping
 
@@ -34,6 +35,8 @@ class TaskConfig:
     def __post_init__(self) -> None:
         if self.weight < 0:
             raise ValueError(f"task {self.name!r}: weight must be >= 0, got {self.weight}")
+        if self.after == self.name:
+            raise ValueError(f"task {self.name!r}: after must name another task, got itself")
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,10 @@ class ModelConfig:
             )
         if not self.expert_dims or min(self.expert_dims) < 1 or min(self.tower_dims, default=1) < 1:
             raise ValueError(f"model.expert_dims must be non-empty and positive, got {self.expert_dims}")
+        if min(self.dense_dims, default=1) < 1 or self.cross_layers < 0:
+            raise ValueError(
+                f"model.dense_dims must be positive and cross_layers >= 0, got {self.dense_dims}, {self.cross_layers}"
+            )
         if self.text_dim < 0 or not 0 <= self.dropout < 1:
             raise ValueError(f"model.text_dim must be >= 0 and dropout in [0, 1), got {self.text_dim}, {self.dropout}")
 
@@ -97,6 +104,13 @@ class LossConfig:
     tower_l2: float = 0.0  # lambda of the L2 penalty on tower weights
     huber_delta: float = 1.0
 
+    def __post_init__(self) -> None:
+        if self.gradnorm_alpha < 0 or self.tower_l2 < 0 or self.gradnorm_lr <= 0 or self.huber_delta <= 0:
+            raise ValueError(
+                f"loss: gradnorm_alpha >= 0, tower_l2 >= 0, gradnorm_lr > 0 and huber_delta > 0 expected, got "
+                f"{self.gradnorm_alpha}, {self.tower_l2}, {self.gradnorm_lr}, {self.huber_delta}"
+            )
+
 
 @dataclass(frozen=True)
 class OptimConfig:
@@ -109,6 +123,8 @@ class OptimConfig:
     def __post_init__(self) -> None:
         if self.embedding_lr <= 0 or self.lr <= 0:
             raise ValueError(f"optim.embedding_lr and optim.lr must be > 0, got {self.embedding_lr}, {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
 
 
 @dataclass(frozen=True)
@@ -125,6 +141,7 @@ class TrainConfig:
     log_every: int = 50  # steps between training-loss log lines
     eval_every: int = 0  # steps between validations; 0: at the end of every epoch
     checkpoint_every: int = 0  # steps between checkpoints; 0: at every validation and at the end
+    checkpoint_minutes: float = 10.0  # also a checkpoint when this long has passed since the last one; 0: never
     early_stop_metric: str = ""  # e.g. "ctr/auc"; "": the first task's main metric
     patience: int = 2  # validations without improvement before stopping
 
@@ -133,6 +150,8 @@ class TrainConfig:
             raise ValueError(f"train.id_dropout must be in [0, 1), got {self.id_dropout}")
         if min(self.log_every, self.patience) < 1 or min(self.eval_every, self.checkpoint_every) < 0:
             raise ValueError("train: log_every and patience must be >= 1, eval_every and checkpoint_every >= 0")
+        if self.checkpoint_minutes < 0:
+            raise ValueError(f"train.checkpoint_minutes must be >= 0, got {self.checkpoint_minutes}")
         if self.batch_size < 1 or self.epochs < 1 or self.max_steps < 0:
             raise ValueError(
                 f"train: batch_size >= 1, epochs >= 1, max_steps >= 0 expected, got "
@@ -154,6 +173,8 @@ class Config:
     uvm_caching: tuple[str, ...] = ()  # tables kept in host memory behind a GPU cache of hot rows (CUDA only)
 
     def __post_init__(self) -> None:
+        if not self.dataset:
+            raise ValueError("dataset must name a prepared dataset folder")
         names = [t.name for t in self.tasks]
         if not names or len(set(names)) != len(names):
             raise ValueError(f"tasks must be non-empty with unique names, got {names}")
@@ -173,19 +194,20 @@ def load_config(path: Path | str, overrides: list[str] | tuple[str, ...] = ()) -
     """Load a TOML config and apply `key=value` overrides (dotted keys, TOML values; bare words are strings).
 
     Raises:
-        ValueError: an unknown key, a malformed override or an invalid value, naming the key and the file.
+        MissingInputError: no such file.
+        InputError: invalid TOML, an unknown key, a malformed override or an invalid value, naming the key and the file.
     """
     data = read_toml(Path(path))
     for override in overrides:
         key, sep, text = override.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"override {override!r} must look like section.key=value")
+            raise InputError(f"override {override!r} must look like section.key=value")
         *parents, leaf = key.strip().split(".")
         table = data
         for part in parents:
             table = table.setdefault(part, {})
             if not isinstance(table, dict):
-                raise ValueError(f"override {override!r}: {part!r} is not a table")
+                raise InputError(f"override {override!r}: {part!r} is not a table")
         table[leaf] = _parse_value(text.strip())
     return from_mapping(Config, data, str(path))
 

@@ -24,6 +24,7 @@ from torchrec.optim.keyed import KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from recsys_mtl.config import Config
+from recsys_mtl.errors import InputError
 from recsys_mtl.model.ranker import MultiTaskRanker
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ def _constraints(model: MultiTaskRanker, cfg: Config) -> dict[str, ParameterCons
     for option, tables in (("sharding", cfg.sharding), ("uvm_caching", cfg.uvm_caching)):
         unknown = sorted(set(tables) - set(names))
         if unknown:
-            raise KeyError(f"{option} names unknown tables {unknown}; the tables are {names}")
+            raise InputError(f"{option} names unknown tables {unknown}; the tables are {names}")
     constraints = {}
     for name in names:
         sharding = cfg.sharding.get(name, ShardingType.TABLE_WISE.value)
@@ -110,7 +111,7 @@ def shard_model(model: MultiTaskRanker, cfg: Config, device: torch.device) -> Sh
     never sees a gradient for them) and BERT outside its fine-tuned layers.
     """
     if cfg.uvm_caching and device.type != "cuda":
-        raise ValueError(
+        raise InputError(
             f"uvm_caching = {list(cfg.uvm_caching)} needs --device cuda (it caches host-memory rows on a GPU)"
         )
     pg = init_process_group(device)

@@ -2,6 +2,8 @@
 
 import dataclasses
 import json
+import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +18,7 @@ from recsys_mtl.config import load_config
 from recsys_mtl.data.batch import Batch
 from recsys_mtl.data.loader import Dataset, count_batches, read_batches
 from recsys_mtl.distributed import average_norm_statistics, world
+from recsys_mtl.errors import InputError, MissingInputError, reading
 from recsys_mtl.files import atomic_write_text
 from recsys_mtl.metrics import auc, task_metrics
 from recsys_mtl.model.losses import TaskSpec, predict
@@ -23,6 +26,7 @@ from recsys_mtl.model.ranker import RankerOutput
 from recsys_mtl.report import write_report
 from recsys_mtl.trainer import Trainer, build_trainer, forward
 
+log = logging.getLogger(__name__)
 CALIBRATION_BINS = 10
 COLD_FEATURE = "item_id"  # rows whose item was never seen in training (unknown id 0) give the `auc_cold` metrics
 
@@ -96,13 +100,18 @@ def _part(trainer: Trainer, batch: Batch, output: RankerOutput) -> dict:
 
 
 def oracle_predictions(dataset: Dataset, keys: pl.DataFrame, specs: tuple[TaskSpec, ...]) -> dict[str, Tensor] | None:
-    """The oracle's predictions for the rows of `keys`, in the same order, or None when the data has no oracle."""
+    """The oracle's predictions for the rows of `keys`, in the same order, or None when the data has no oracle.
+
+    Raises:
+        InputError: the oracle files (in the raw folder the dataset was prepared from) are gone or unreadable.
+    """
     oracle = dataset.schema.oracle
     if oracle is None or not all(s.name in oracle.columns for s in specs):
         return None
     wanted = keys.select(oracle.key).with_row_index("__row")
     table = pl.scan_parquet(list(oracle.files)).select(oracle.key, *oracle.columns.values())
-    joined = wanted.lazy().join(table, on=oracle.key, how="left").sort("__row").collect()
+    with reading(f"the oracle files of {dataset.folder} ({Path(oracle.files[0]).parent})"):
+        joined = wanted.lazy().join(table, on=oracle.key, how="left").sort("__row").collect()
     values = {
         s.name: torch.from_numpy(joined[oracle.columns[s.name]].fill_null(np.nan).to_numpy().copy()) for s in specs
     }
@@ -119,7 +128,10 @@ def split_metrics(trainer: Trainer, dataset: Dataset, split: str) -> tuple[dict[
     take the same early-stopping decision); only rank 0 gets the predictions.
     """
     preds = predict_split(trainer, dataset, split)
-    metrics = _metrics(trainer, dataset, preds) if preds is not None else {}
+    metrics = {}
+    if preds is not None:
+        metrics = _metrics(trainer, dataset, preds)
+        warn_undefined(metrics, preds, split)
     if world()[1] > 1:
         shared = [metrics]
         dist.broadcast_object_list(shared, src=0)
@@ -139,6 +151,23 @@ def _metrics(trainer: Trainer, dataset: Dataset, preds: SplitPredictions) -> dic
         metrics |= {f"oracle/{k}": v for k, v in oracle_metrics.items()}
         metrics |= {f"ratio/{k}": metrics[k] / v for k, v in oracle_metrics.items() if v}
     return metrics
+
+
+def warn_undefined(metrics: dict[str, float], preds: SplitPredictions, split: str) -> None:
+    """Log a warning per task whose metrics are undefined (NaN) on `split`, with its labelled rows and label range."""
+    by_task: dict[str, list[str]] = {}
+    for name, value in metrics.items():
+        if math.isnan(value) and not name.startswith(("oracle/", "ratio/")):
+            by_task.setdefault(name.split("/")[0], []).append(name)
+    for task, names in by_task.items():
+        labels = preds.labels[task][preds.masks[task]]
+        if not len(labels):
+            why = "no labelled rows"
+        elif labels.min() == labels.max():
+            why = f"{len(labels)} labelled rows, all {labels.min():g} (an AUC needs both classes)"
+        else:  # e.g. cvr/auc_clicked without a clicked row
+            why = f"{len(labels)} labelled rows, from {labels.min():g} to {labels.max():g}"
+        log.warning("%s split: %s undefined (reported as —): task %r has %s", split, ", ".join(names), task, why)
 
 
 def cold_metrics(preds: SplitPredictions, specs: tuple[TaskSpec, ...]) -> dict[str, float]:
@@ -171,8 +200,9 @@ def load_trained(run_dir: Path, device: torch.device) -> tuple[Trainer, Dataset]
     """The run's trainer with its best checkpoint (else its last) loaded, and its dataset.
 
     Raises:
-        FileNotFoundError: no config.toml or no checkpoint in `run_dir`.
-        ValueError: the checkpoint does not match the config or the dataset.
+        MissingInputError: no config.toml in `run_dir`.
+        FileNotFoundError: no checkpoint in `run_dir` (checkpoint.trained_checkpoint / read_progress).
+        ValueError: the checkpoint does not match the config or the dataset (checkpoint.read_progress).
     """
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.toml")
@@ -210,7 +240,10 @@ def evaluate_run(run_dir: Path, split: str, device: torch.device, baselines: tup
     for baseline in baselines:
         path = Path(baseline) / f"metrics_{split}.json"
         if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: evaluate the baseline run {baseline} on {split!r} first")
-        others[Path(baseline).name] = json.loads(path.read_text())
+            raise MissingInputError(f"{path} is missing: evaluate the baseline run {baseline} on {split!r} first")
+        try:
+            others[Path(baseline).name] = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise InputError(f"{path}: not a metrics file ({err})") from err
     write_report(run_dir, split, metrics, details, others)
     return metrics

@@ -3,6 +3,9 @@
 binary: auc, gauc (by user, impression-weighted over users with both classes), logloss, calibration (mean prediction /
 mean label). A task `after` another (cvr): auc_clicked (pCVR on rows where the other task's label is 1) and
 ctcvr_auc (pCTR * pCVR on every row). regression: rmse, mae. count: poisson_deviance, rmse_log1p.
+
+A metric that is undefined on the data (an AUC whose labels are all 0 or all 1, any metric without labelled rows) is
+NaN, never an exception; `format_metric` shows it as "—".
 """
 
 import math
@@ -111,6 +114,11 @@ def task_metrics(
             out[f"{name}/poisson_deviance"] = poisson_deviance(y, p)
             out[f"{name}/rmse_log1p"] = float((p.double().log1p() - y.double().log1p()).pow(2).mean().sqrt())
     return out
+
+
+def format_metric(value: float | None, digits: int = 4) -> str:
+    """A metric for people: `digits` decimals, or "—" when it is undefined (None or NaN)."""
+    return "—" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
 
 def better(metric: str, value: float, best: float | None) -> bool:

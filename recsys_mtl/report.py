@@ -2,7 +2,6 @@
 learning curves, expert utilisation (mean gate weight per task x expert) and calibration."""
 
 import json
-import math
 from pathlib import Path
 
 import matplotlib
@@ -11,10 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from recsys_mtl.files import atomic_write_text
-
-
-def _fmt(value: float | None) -> str:
-    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
+from recsys_mtl.metrics import format_metric
 
 
 def metrics_table(metrics: dict[str, float], baselines: dict[str, dict[str, float]]) -> str:
@@ -24,10 +20,10 @@ def metrics_table(metrics: dict[str, float], baselines: dict[str, dict[str, floa
     header = ["metric", "model", *(["oracle", "model / oracle"] if has_oracle else []), *baselines]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in names:
-        row = [name, _fmt(metrics[name])]
+        row = [name, format_metric(metrics[name])]
         if has_oracle:
-            row += [_fmt(metrics.get(f"oracle/{name}")), _fmt(metrics.get(f"ratio/{name}"))]
-        row += [_fmt(b.get(name)) for b in baselines.values()]
+            row += [format_metric(metrics.get(f"oracle/{name}")), format_metric(metrics.get(f"ratio/{name}"))]
+        row += [format_metric(b.get(name)) for b in baselines.values()]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -74,8 +70,7 @@ def _utilisation(details: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _calibration(details: dict, path: Path) -> None:
-    curves = details["calibration"]
+def _calibration(curves: dict[str, dict[str, list[float]]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     top = max(max(c["predicted"] + c["observed"]) for c in curves.values())
     ax.plot([0, top], [0, top], color="grey", linestyle="--", label="perfect")
@@ -102,7 +97,8 @@ def write_report(
         "",
         "AUCs are exact. `model / oracle` compares with the true probabilities of the synthetic world (1.0 = the best "
         "achievable for AUCs; for errors and deviances, lower is better and the oracle is the floor). Baselines are "
-        "single-task runs on the same data.",
+        "single-task runs on the same data. — marks a metric undefined on this split (an AUC where the task's labels "
+        "are all 0 or all 1, any metric of a task without labelled rows).",
         "",
         metrics_table(metrics, baselines),
         "",
@@ -112,8 +108,9 @@ def write_report(
     if details["experts"] and len(details["experts"]) > 1:
         _utilisation(details, run_dir / f"expert_utilisation_{split}.png")
         parts += ["## Expert utilisation", "", f"![expert utilisation](expert_utilisation_{split}.png)", ""]
-    if details["calibration"]:
-        _calibration(details, run_dir / f"calibration_{split}.png")
+    curves = {task: curve for task, curve in details["calibration"].items() if curve["predicted"]}  # rows labelled
+    if curves:
+        _calibration(curves, run_dir / f"calibration_{split}.png")
         parts += ["## Calibration", "", f"![calibration](calibration_{split}.png)", ""]
     path = run_dir / f"report_{split}.md"
     atomic_write_text(path, "\n".join(parts))

@@ -2,18 +2,23 @@
 
 The input's row groups are cut into shards of consecutive row groups (`part-00000.parquet`, ... in OUT_DIR, one per
 shard, whatever the number of ranks). Rank r of N scores shards r, r + N, ...; each shard is written to a temporary
-file and renamed, so a finished-looking shard is always whole, and a rerun skips the shards already there. Every rank
-holds a whole copy of the model (fp32, or with int8 embedding tables), so ranks never wait on each other while
-scoring; memory stays bounded by one row group and one shard's predictions.
+file and renamed, so a finished-looking shard is always whole, and a rerun skips the shards already there: those whose
+parquet metadata carries this job's manifest digest (so a file the scorer did not write never counts as scores).
+OUT_DIR holds nothing else, never is, holds or lies inside the input, and has one writer at a time. Every rank holds
+a whole copy of the model (fp32, or with int8 embedding tables), so ranks never wait on each other while scoring;
+memory stays bounded by one row group and one shard's predictions.
 """
 
+import hashlib
 import json
 import logging
 import os
 import resource
 import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Literal
 
@@ -31,7 +36,8 @@ from recsys_mtl.config import Config, load_config
 from recsys_mtl.data.loader import BatchBuilder
 from recsys_mtl.data.schema import KEY_PREFIX, SCHEMA_FILE, SPLITS, Schema, check_dataset
 from recsys_mtl.distributed import world
-from recsys_mtl.files import atomic_write_text
+from recsys_mtl.errors import InputError, MissingInputError, OutputExistsError, reading
+from recsys_mtl.files import LOCK_FILE, atomic_write_text, check_output, locked
 from recsys_mtl.model.losses import TaskSpec, predict, task_specs
 from recsys_mtl.model.ranker import MultiTaskRanker
 from recsys_mtl.trainer import autocast, build_ranker
@@ -39,6 +45,8 @@ from recsys_mtl.trainer import autocast, build_ranker
 log = logging.getLogger(__name__)
 MANIFEST_FILE = "scoring.json"
 SUMMARY_FILE = "summary.json"
+OUT_FILES = (MANIFEST_FILE, SUMMARY_FILE, LOCK_FILE, "part-*.parquet", ".part-*.tmp-*")  # all OUT_DIR may hold
+DIGEST_KEY = "recsys_mtl.scoring"  # parquet metadata of a shard: the digest of the manifest it was scored under
 RawEncoder = Callable[[pl.DataFrame, str], pl.DataFrame]  # raw rows, their source -> shard rows (data_prep.encode)
 MissingText = Literal["empty", "error"]
 
@@ -68,6 +76,9 @@ class ScoreSummary:
     shards_skipped: int = 0
     unknown_ids: dict[str, int] = field(default_factory=dict)  # id feature -> rows with the unknown id 0
     missing_text: dict[str, int] = field(default_factory=dict)  # text feature -> rows scored with the empty text
+    non_finite: dict[str, int] = field(
+        default_factory=dict
+    )  # dense feature -> rows whose value was inf / NaN (as null)
 
     @property
     def rows_per_second(self) -> float:
@@ -106,7 +117,7 @@ def input_files(inp: Path, split: str, raw: bool) -> list[Path]:
     """The parquet files to score: a prepared dataset's `split`, or raw parquet (a file, a folder of them, a glob).
 
     Raises:
-        FileNotFoundError: nothing to score at `inp`.
+        MissingInputError: nothing to score at `inp`.
     """
     if not raw:
         schema = Schema.load(inp)
@@ -115,7 +126,7 @@ def input_files(inp: Path, split: str, raw: bool) -> list[Path]:
         return [inp]
     files = sorted(inp.rglob("*.parquet")) if inp.is_dir() else sorted(inp.parent.glob(inp.name))
     if not files:
-        raise FileNotFoundError(f"{inp}: no parquet files to score")
+        raise MissingInputError(f"{inp}: no parquet files to score")
     return files
 
 
@@ -123,7 +134,8 @@ def plan_shards(files: list[Path], rows_per_shard: int) -> list[ScoreShard]:
     """Consecutive row groups of each file, up to `rows_per_shard` rows a shard (at least one row group)."""
     shards: list[ScoreShard] = []
     for path in files:
-        meta = pq.ParquetFile(path).metadata
+        with reading(path):
+            meta = pq.ParquetFile(path).metadata
         groups: list[int] = []
         rows = 0
         for i in range(meta.num_row_groups):
@@ -169,21 +181,25 @@ def score(
         The summary over all ranks (on every rank); rank 0 also writes it to `out/summary.json`.
 
     Raises:
-        FileExistsError: `out` holds scores of another input, model or option set (and not `overwrite`).
-        ValueError: a prepared input with other vocabularies than the run's; a row without text under "error".
+        OutputExistsError: `out` holds scores of another input, model or option set (and not `overwrite`), files
+            that are not scores, or is being written by another process.
+        InputError: `out` is, holds or lies inside the input; a prepared input with other vocabularies than the
+            run's; a row without text under "error".
     """
     start = time.perf_counter()
     rank, world_size = world()
     if batch_size < 1 or rows_per_shard < 1:
-        raise ValueError(f"batch_size and rows_per_shard must be >= 1, got {batch_size}, {rows_per_shard}")
+        raise InputError(f"--batch-size and --rows-per-shard must be >= 1, got {batch_size}, {rows_per_shard}")
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        raise InputError(f"--split must be one of {SPLITS}, got {split!r}")
     inp, out = Path(inp), Path(out)
     cfg, schema, model, specs = load_scoring_model(run_dir, device, int8)
     if encoder is None:
         _check_prepared_input(inp, schema, split)
     checkpoint = trained_checkpoint(run_dir)
-    shards = plan_shards(input_files(inp, split, raw=encoder is not None), rows_per_shard)
+    files = input_files(inp, split, raw=encoder is not None)
+    check_output(out, *([inp] if inp.exists() else files))
+    shards = plan_shards(files, rows_per_shard)
     manifest = {
         "run": str(Path(run_dir).resolve()),
         "checkpoint": str(checkpoint.resolve()),
@@ -193,9 +209,39 @@ def score(
         "int8": int8,
         "shards": [asdict(s) for s in shards],
     }
-    _claim(out, manifest, overwrite, rank)
+    with _claimed(out, manifest, overwrite):
+        digest = _digest(manifest)
+        summary = _score_shards(
+            model, cfg, schema, specs, shards, out, digest, encoder, missing_text, batch_size, progress
+        )
+    summary.seconds = time.perf_counter() - start
+    summary.peak_memory_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    summary = _merge(summary, world_size)
+    if rank == 0:
+        atomic_write_text(
+            out / SUMMARY_FILE, json.dumps(asdict(summary) | {"rows_per_second": summary.rows_per_second})
+        )
+    return summary
+
+
+def _score_shards(
+    model: MultiTaskRanker,
+    cfg: Config,
+    schema: Schema,
+    specs: tuple[TaskSpec, ...],
+    shards: list[ScoreShard],
+    out: Path,
+    digest: str,
+    encoder: RawEncoder | None,
+    missing_text: MissingText,
+    batch_size: int,
+    progress: bool,
+) -> ScoreSummary:
+    """Score this rank's unfinished shards into `out`, each stamped with `digest`; the summary of this rank."""
+    rank, world_size = world()
+    device = next(model.parameters()).device
     mine = [s for s in shards if s.index % world_size == rank]
-    todo = [s for s in mine if not _finished(out / s.name, s.num_rows)]
+    todo = [s for s in mine if not _finished(out / s.name, s.num_rows, digest)]
     summary = ScoreSummary(shards_skipped=len(mine) - len(todo))
     if summary.shards_skipped:
         log.info("rank %d: %d of its %d shards are already in %s", rank, summary.shards_skipped, len(mine), out)
@@ -212,64 +258,92 @@ def score(
             parts = []
             for frame in _frames(shard, schema, encoder):
                 _count_fallbacks(frame, schema, summary, missing_text, shard)
+                _add_counts(summary.non_finite, build.non_finite(frame))
                 for offset in range(0, frame.height, batch_size):
                     batch = build(frame.slice(offset, batch_size)).to(device)
                     values = predict(model(batch).logits, specs)
                     parts.append(batch.keys.with_columns(_columns(values)))
                     bar.update(len(batch))
-            _write_shard(out / shard.name, pl.concat(parts), shard)
+            _write_shard(out / shard.name, pl.concat(parts), shard, digest)
             summary.rows += shard.num_rows
             summary.shards_written.append(shard.name)
     bar.close()
-    summary.seconds = time.perf_counter() - start
-    summary.peak_memory_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    summary = _merge(summary, world_size)
-    if rank == 0:
-        atomic_write_text(
-            out / SUMMARY_FILE, json.dumps(asdict(summary) | {"rows_per_second": summary.rows_per_second})
-        )
     return summary
 
 
 def _check_prepared_input(inp: Path, schema: Schema, split: str) -> None:
     """A prepared input must share the run's encoding: tables, features (with their statistics) and text tables."""
     if not (inp / SCHEMA_FILE).is_file():
-        raise FileNotFoundError(f"{inp}: not a prepared dataset (no {SCHEMA_FILE}); raw parquet needs an encoder")
+        raise MissingInputError(f"{inp}: not a prepared dataset (no {SCHEMA_FILE}); raw parquet needs an encoder")
     theirs = Schema.load(inp)
     for part in ("tables", "features", "texts", "labels"):
         if getattr(theirs, part) != getattr(schema, part):
-            raise ValueError(
+            raise InputError(
                 f"{inp}: its {part} differ from those of the run's dataset, so its ids mean other things; "
                 "score its raw rows instead"
             )
     check_dataset(inp, theirs, splits=(split,))
 
 
-def _claim(out: Path, manifest: dict, overwrite: bool, rank: int) -> None:
-    """Refuse an `out` that holds scores of something else (or clear it with `overwrite`); record what this is."""
+def _digest(manifest: dict) -> str:
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+
+
+@contextmanager
+def _claimed(out: Path, manifest: dict, overwrite: bool) -> Iterator[None]:
+    """Hold `out` for this job while the block runs: one writer (rank 0 holds the lock), nothing in it but this
+    job's files, and its manifest recorded. Rank 0 decides; the other ranks raise the same error.
+
+    Raises:
+        OutputExistsError: `out` is in use, holds files that are not scores, or scores of another job (and not
+            `overwrite`).
+    """
+    rank, world_size = world()
+    with ExitStack() as stack:
+        error = None
+        if rank == 0:
+            try:
+                stack.enter_context(locked(out))
+                _prepare_out(out, manifest, overwrite)
+            except OutputExistsError as err:
+                error = str(err)
+        if world_size > 1:  # every rank learns rank 0's verdict before any writes
+            shared = [error]
+            dist.broadcast_object_list(shared, src=0)
+            error = shared[0]
+        if error is not None:
+            raise OutputExistsError(error)
+        yield
+
+
+def _prepare_out(out: Path, manifest: dict, overwrite: bool) -> None:
+    """Check what `out` holds against `manifest`, clear old or stale shards, and write the manifest."""
     path = out / MANIFEST_FILE
+    shards = sorted(out.glob("part-*.parquet"))
+    foreign = sorted(p.name for p in out.iterdir() if not any(fnmatch(p.name, pattern) for pattern in OUT_FILES))
+    if foreign or (shards and not path.is_file()):
+        names = ", ".join((foreign or [p.name for p in shards])[:3])
+        raise OutputExistsError(f"{out} holds files that recsys-mtl score did not write ({names}); choose a new --out")
     text = json.dumps(manifest, indent=1)
     if path.is_file() and path.read_text() != text:
         if not overwrite:
-            raise FileExistsError(
+            raise OutputExistsError(
                 f"{out} holds scores of another input, model or option set ({path}); "
                 "choose another --out or pass --overwrite"
             )
-        if rank == 0:
-            for old in out.glob("part-*.parquet"):
-                old.unlink()
-    if rank == 0:
-        for stale in out.glob(".part-*.tmp-*"):  # left by a killed run; no rank writes before the barrier
-            stale.unlink()
-    if world()[1] > 1:
-        dist.barrier()  # every rank has compared before rank 0 replaces the manifest
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, text)
+        for old in shards:
+            old.unlink()
+    for stale in out.glob(".part-*.tmp-*"):  # left by a killed run
+        stale.unlink()
+    atomic_write_text(path, text)
 
 
-def _finished(path: Path, num_rows: int) -> bool:
-    return path.is_file() and pq.ParquetFile(path).metadata.num_rows == num_rows
+def _finished(path: Path, num_rows: int, digest: str) -> bool:
+    """Whether `path` is a whole shard this job wrote (stamped with its digest, with all its rows)."""
+    if not path.is_file():
+        return False
+    meta = pq.ParquetFile(path).metadata
+    return meta.num_rows == num_rows and (meta.metadata or {}).get(DIGEST_KEY.encode()) == digest.encode()
 
 
 def _frames(shard: ScoreShard, schema: Schema, encoder: RawEncoder | None) -> Iterator[pl.DataFrame]:
@@ -277,7 +351,8 @@ def _frames(shard: ScoreShard, schema: Schema, encoder: RawEncoder | None) -> It
     reader = pq.ParquetFile(shard.path)
     columns = None if encoder is not None else list(schema.columns())
     for index in shard.row_groups:
-        frame = pl.from_arrow(reader.read_row_group(index, columns=columns))
+        with reading(f"{shard.path} (row group {index})"):
+            frame = pl.from_arrow(reader.read_row_group(index, columns=columns))
         yield encoder(frame, f"{shard.path} (row group {index})") if encoder is not None else frame  # type: ignore[arg-type]
 
 
@@ -293,7 +368,7 @@ def _count_fallbacks(
         has_key = frame[KEY_PREFIX + text.key].is_not_null() if text.key in schema.keys else True
         missing = int(((frame[text.name] == 0) & has_key).sum())
         if missing and missing_text == "error":
-            raise ValueError(
+            raise InputError(
                 f"{shard.path}: {missing} rows have a {text.key!r} without a {text.name!r} text vector; "
                 "encode their texts (prepare and encode-text) or score with --missing-text empty"
             )
@@ -304,13 +379,13 @@ def _columns(values: dict[str, torch.Tensor]) -> list[pl.Series]:
     return [pl.Series(f"pred_{name}", value.float().cpu().numpy()) for name, value in values.items()]
 
 
-def _write_shard(path: Path, frame: pl.DataFrame, shard: ScoreShard) -> None:
+def _write_shard(path: Path, frame: pl.DataFrame, shard: ScoreShard, digest: str) -> None:
     if frame.height != shard.num_rows:
         raise ValueError(
             f"{shard.path}: scored {frame.height} rows of row groups {shard.row_groups}, expected {shard.num_rows}"
         )
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    frame.write_parquet(tmp)
+    frame.write_parquet(tmp, metadata={DIGEST_KEY: digest})
     tmp.replace(path)
 
 
@@ -327,9 +402,16 @@ def _merge(summary: ScoreSummary, world_size: int) -> ScoreSummary:
         total.peak_memory_mb = max(total.peak_memory_mb, part.peak_memory_mb)
         total.shards_written += part.shards_written
         total.shards_skipped += part.shards_skipped
-        for name, count in part.unknown_ids.items():
-            total.unknown_ids[name] = total.unknown_ids.get(name, 0) + count
-        for name, count in part.missing_text.items():
-            total.missing_text[name] = total.missing_text.get(name, 0) + count
+        for mine, theirs in (
+            (total.unknown_ids, part.unknown_ids),
+            (total.missing_text, part.missing_text),
+            (total.non_finite, part.non_finite),
+        ):
+            _add_counts(mine, theirs)
     total.shards_written.sort()
     return total
+
+
+def _add_counts(total: dict[str, int], counts: dict[str, int]) -> None:
+    for name, count in counts.items():
+        total[name] = total.get(name, 0) + count

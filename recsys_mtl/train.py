@@ -1,26 +1,64 @@
-"""The training loop: validation, early stopping, metrics logs, checkpoints and resume."""
+"""The training loop: validation, early stopping, metrics logs, checkpoints and resume.
 
+A run dir holds one run (config.toml, checkpoints/, metrics.jsonl, tensorboard/) and one writer: `train` holds it
+locked throughout. A plain train never starts over an existing run, and a resume continues the run only under the
+same config (see RESUMABLE), from its last checkpoint, replacing whatever the killed process logged after it.
+"""
+
+import dataclasses
 import itertools
 import json
 import logging
+import math
 import time
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
-from recsys_mtl.checkpoint import fingerprint, load_checkpoint, read_progress, save_checkpoint
-from recsys_mtl.config import Config
+from recsys_mtl.checkpoint import (
+    Progress,
+    check_link,
+    fingerprint,
+    list_differences,
+    load_checkpoint,
+    read_progress,
+    save_checkpoint,
+)
+from recsys_mtl.config import Config, load_config
+from recsys_mtl.data.batch import Batch
 from recsys_mtl.data.loader import Dataset, count_batches, read_batches
-from recsys_mtl.distributed import average_norm_statistics, world
+from recsys_mtl.distributed import average_norm_statistics, init_process_group, world
+from recsys_mtl.errors import InputError, MissingInputError, OutputExistsError
 from recsys_mtl.evaluate import split_metrics
-from recsys_mtl.files import atomic_write_text
+from recsys_mtl.files import atomic_write_text, locked
 from recsys_mtl.metrics import better
 from recsys_mtl.model.losses import TaskSpec
 from recsys_mtl.trainer import Trainer, build_trainer, train_step, training_state
 
 log = logging.getLogger(__name__)
+CONFIG_FILE = "config.toml"
+METRICS_FILE = "metrics.jsonl"
+RUN_FILES = (CONFIG_FILE, "checkpoints", METRICS_FILE)  # any of them: the dir holds a run
+# what a resume may change: how long to train, how often to log, validate and checkpoint, the patience, where the
+# run dir is and how tables are placed. Anything else (dataset, tasks, model, text, loss, optim, batch size, seed,
+# schedule, ...) changes what the steps compute, and the data position (in batches) would skip or repeat rows.
+# `train.epochs` may grow a finished run; the linear learning-rate decay then follows the new length.
+RESUMABLE = (
+    "run_dir",
+    "sharding",
+    "uvm_caching",
+    "train.epochs",
+    "train.max_steps",
+    "train.log_every",
+    "train.eval_every",
+    "train.checkpoint_every",
+    "train.checkpoint_minutes",
+    "train.patience",
+)
 
 
 @dataclass
@@ -52,15 +90,24 @@ def set_learning_rate(trainer: Trainer, step: int, total_steps: int) -> None:
 
 
 class MetricsLog:
-    """Metrics as JSON lines (metrics.jsonl) and TensorBoard scalars (tensorboard/), written by rank 0 only."""
+    """Metrics as JSON lines (metrics.jsonl) and TensorBoard scalars (tensorboard/), written by rank 0 only.
 
-    def __init__(self, run_dir: Path, enabled: bool) -> None:
+    Resumed at checkpoint step `resumed_at`, it first drops what the killed run logged after that step (JSON lines
+    and, through `purge_step`, TensorBoard events), so that a restart never appends to a future that did not happen.
+    """
+
+    def __init__(self, run_dir: Path, enabled: bool, resumed_at: int | None = None) -> None:
         self.enabled = enabled
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.file = (run_dir / "metrics.jsonl").open("a")
-            self.writer = SummaryWriter(str(run_dir / "tensorboard"))
+            file = run_dir / METRICS_FILE
+            if resumed_at is not None and file.exists():
+                lines = file.read_text().splitlines(keepends=True)
+                atomic_write_text(file, "".join(line for line in lines if _logged_step(line) <= resumed_at))
+            self.file = file.open("a")
+            purge_step = None if resumed_at is None else resumed_at + 1  # the events of the checkpoint's step stay
+            self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_step)
 
     def write(self, kind: str, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -69,6 +116,7 @@ class MetricsLog:
         self.file.flush()
         for name, value in metrics.items():
             self.writer.add_scalar(f"{kind}/{name}", value, step)
+        self.writer.flush()  # what is logged is on disk, like the JSON lines, when a kill comes
 
     def close(self) -> None:
         if self.enabled:
@@ -76,134 +124,272 @@ class MetricsLog:
             self.writer.close()
 
 
+def _logged_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):  # a line a kill cut short
+        return math.inf
+
+
+@dataclass
+class _Run:
+    """A run in progress: what the loop's steps read and update."""
+
+    cfg: Config
+    trainer: Trainer
+    dataset: Dataset
+    progress: Progress
+    checkpoints: Path
+    metrics: MetricsLog
+    bar: tqdm
+    metric: str  # the early-stopping metric
+    total_steps: int  # of the learning-rate schedule
+    losses: list[float] = field(default_factory=list)
+    valid: list[dict[str, float]] = field(default_factory=list)
+    started_at: float = field(default_factory=time.monotonic)
+    saved_at: float = field(default_factory=time.monotonic)  # when `last` was last saved (or the run started)
+    start_step: int = 0
+    saved_step: int = -1  # the step of the last `last` saved or loaded
+
+
 def train(cfg: Config, run_dir: Path, device: torch.device, resume: bool = False, progress: bool = True) -> TrainResult:
     """Train `cfg` into `run_dir`: validation and early stopping, JSONL / TensorBoard metrics, checkpoints.
 
     With `resume`, continues from `run_dir/checkpoints/last` (model, optimizers, RNG, data position) and reaches the
-    same state as a run that was never interrupted.
+    same state as a run that was never interrupted. `run_dir` is locked for the whole call (by rank 0).
 
     Raises:
-        FileNotFoundError / ValueError: missing dataset or checkpoint, a checkpoint made for another model or data.
+        OutputExistsError: `run_dir` is locked by another process, or holds a run and `resume` is false.
+        MissingInputError: a missing dataset, or nothing to resume.
+        InputError: a resume whose config differs from the run's (listing every difference), a checkpoint made for
+            another model or data, or refused as unsafe or corrupt; a non-finite training loss.
     """
     run_dir = Path(run_dir)
+    init_process_group(device)  # the rank decides who locks and checks the run dir
+    rank = world()[0]
+    with locked(run_dir) if rank == 0 else nullcontext():
+        if rank == 0:
+            _check_run_dir(run_dir, cfg, resume)
+        return _train(cfg, run_dir, device, resume, progress)
+
+
+def _check_run_dir(run_dir: Path, cfg: Config, resume: bool) -> None:
+    """Refuse a plain train into a run, and a resume of another config or of nothing."""
+    held = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if not resume:
+        if held:
+            raise OutputExistsError(
+                f"{run_dir} already holds a run ({', '.join(held)}); pass --resume to continue it, or choose another "
+                "--out"
+            )
+        return
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise MissingInputError(f"{run_dir}: no run to resume ({CONFIG_FILE} missing)")
+    for name in ("best", "last"):
+        check_link(run_dir / "checkpoints" / name)
+    saved = load_config(run_dir / CONFIG_FILE)
+    differences = list_differences(_meaning(saved), _meaning(cfg), ("run", "now"))
+    if differences:
+        raise InputError(
+            f"--resume: the config differs from the run's {run_dir / CONFIG_FILE}: {'; '.join(differences)}. Resume "
+            f"with the run's values, or train into another --out (a resume may change only {', '.join(RESUMABLE)})"
+        )
+
+
+def _meaning(cfg: Config) -> dict:
+    """The config as a tree, without the keys a resume may change."""
+    tree = dataclasses.asdict(cfg)
+    for key in RESUMABLE:
+        *parents, leaf = key.split(".")
+        table = tree
+        for part in parents:
+            table = table[part]
+        del table[leaf]
+    return tree
+
+
+def _train(cfg: Config, run_dir: Path, device: torch.device, resume: bool, progress: bool) -> TrainResult:
     dataset = Dataset(cfg.dataset)
     trainer = build_trainer(cfg, dataset, device)
     rank, world_size = world()
-    expected = fingerprint(cfg, dataset.schema)
     checkpoints = run_dir / "checkpoints"
-    position = {"step": 0, "epoch": 0, "batch": 0, "best": None, "stale": 0, "fingerprint": expected}
+    position = Progress(fingerprint(cfg, dataset.schema))
     if resume:
-        position = read_progress(checkpoints / "last", expected)
-        saved_world = position.get("world_size", world_size)
-        if saved_world != world_size:  # the same samples into the epoch; the ranks' parts of it differ, though
-            position["batch"] = position["batch"] * saved_world // world_size
-            log.warning(
-                "resuming a %d-rank run on %d ranks: the epoch continues after the same number of samples, not the "
-                "same rows; the learning-rate schedule follows the new steps per epoch",
-                saved_world,
-                world_size,
-            )
-        for optimizer in (trainer.sharded.dense_optimizer, trainer.loss_optimizer):
-            if optimizer is not None:
-                optimizer.init_state()  # create the state tensors the checkpoint is loaded into
-        state = training_state(trainer)
-        load_checkpoint(checkpoints / "last", state)
-        torch.set_rng_state(state["rng"])
-        log.info(
-            "resumed %s at step %d (epoch %d, batch %d)",
-            run_dir,
-            position["step"],
-            position["epoch"],
-            position["batch"],
-        )
-    elif rank == 0 and (checkpoints / "last").exists():
-        raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
-    position["world_size"] = world_size
+        position = _resume(trainer, (checkpoints / "last").resolve(), position.fingerprint)
+    position.world_size = world_size
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.save(run_dir / "config.toml")
+        cfg.save(run_dir / CONFIG_FILE)
         plan = str(trainer.sharded.plan)
         atomic_write_text(run_dir / "sharding_plan.txt", plan + "\n")
         log.info("sharding plan over %d rank(s):\n%s", world_size, plan)
-    metric = main_metric(cfg, trainer.specs)
-    logger = MetricsLog(run_dir, enabled=rank == 0)
-    losses, valid, stopped = [], [], False
-    max_steps = cfg.train.max_steps or None
     per_epoch = -(-dataset.num_rows("train") // (cfg.train.batch_size * world_size))
-    total = min(max_steps or 1 << 62, per_epoch * cfg.train.epochs)
-    bar = tqdm(total=total, initial=position["step"], desc="train", unit="step", disable=not progress or rank != 0)
-    running: dict[str, float] = {}
-    start, start_step = time.perf_counter(), position["step"]
+    total = min(cfg.train.max_steps or 1 << 62, per_epoch * cfg.train.epochs)
+    run = _Run(
+        cfg=cfg,
+        trainer=trainer,
+        dataset=dataset,
+        progress=position,
+        checkpoints=checkpoints,
+        metrics=MetricsLog(run_dir, enabled=rank == 0, resumed_at=position.step if resume else None),
+        bar=tqdm(total=total, initial=position.step, desc="train", unit="step", disable=not progress or rank != 0),
+        metric=main_metric(cfg, trainer.specs),
+        total_steps=per_epoch * cfg.train.epochs,  # not max_steps
+        start_step=position.step,
+        saved_step=position.step if resume else -1,
+    )
+    try:
+        stopped = _fit(run)
+        if run.saved_step != position.step:
+            _save(run, "last")
+    finally:
+        run.bar.close()
+        run.metrics.close()
+    best = next((m for m in run.valid if m.get(run.metric) == position.best), {})
+    return TrainResult(run_dir, position.step, run.losses, run.valid, best, stopped)
 
-    def checkpoint(name: str) -> None:
-        average_norm_statistics(trainer.model)
-        save_checkpoint(checkpoints / name, training_state(trainer), position)
 
-    def validate() -> bool:
-        """Validate, keep the best checkpoint; True when it is time to stop early."""
-        metrics, _ = split_metrics(trainer, dataset, "valid")
-        valid.append(metrics)
-        logger.write("valid", position["step"], metrics)
-        if metric not in metrics:
-            raise ValueError(f"train.early_stop_metric = {metric!r} is not among the metrics {sorted(metrics)}")
-        if better(metric, metrics[metric], position["best"]):
-            position["best"], position["stale"] = metrics[metric], 0
-            checkpoint("best")
-        else:
-            position["stale"] += 1
-        if not cfg.train.checkpoint_every:
-            checkpoint("last")
-        if rank == 0:
-            log.info(
-                "step %d: valid %s = %.5f (best %.5f)", position["step"], metric, metrics[metric], position["best"]
-            )
-        return position["stale"] >= cfg.train.patience
+def _resume(trainer: Trainer, last: Path, expected: dict) -> Progress:
+    """Load checkpoint `last` into `trainer` (and the RNG); its progress, the batch rescaled to this world size."""
+    position = read_progress(last, expected)
+    world_size = world()[1]
+    if position.world_size != world_size:  # the same samples into the epoch; the ranks' parts of it differ, though
+        position.batch = position.batch * position.world_size // world_size
+        log.warning(
+            "resuming a %d-rank run on %d ranks: the epoch continues after the same number of samples, not the "
+            "same rows; the learning-rate schedule follows the new steps per epoch",
+            position.world_size,
+            world_size,
+        )
+    for optimizer in (trainer.sharded.dense_optimizer, trainer.loss_optimizer):
+        if optimizer is not None:
+            optimizer.init_state()  # create the state tensors the checkpoint is loaded into
+    state = training_state(trainer)
+    load_checkpoint(last, state)
+    torch.set_rng_state(state["rng"])
+    log.info("resumed %s at step %d (epoch %d, batch %d)", last, position.step, position.epoch, position.batch)
+    return position
 
-    while position["epoch"] < cfg.train.epochs and not stopped:
-        reading = {"shuffle": True, "seed": cfg.train.seed, "epoch": position["epoch"], "drop_last": world_size > 1}
+
+def _fit(run: _Run) -> bool:
+    """Train until the epochs or `train.max_steps` are done, or early stopping; True when it stopped early."""
+    cfg, position = run.cfg.train, run.progress
+    rank, world_size = world()
+    while position.epoch < cfg.epochs:
+        reading = {"shuffle": True, "seed": cfg.seed, "epoch": position.epoch, "drop_last": world_size > 1}
         # every rank takes the same number of steps (the sharded tables' collectives must stay in step)
         steps = min(
-            count_batches(dataset, "train", cfg.train.batch_size, rank=r, world_size=world_size, **reading)
+            count_batches(run.dataset, "train", cfg.batch_size, rank=r, world_size=world_size, **reading)
             for r in range(world_size)
         )
         batches = read_batches(
-            dataset,
+            run.dataset,
             "train",
-            cfg.train.batch_size,
+            cfg.batch_size,
             rank=rank,
             world_size=world_size,
-            start_batch=position["batch"],
+            start_batch=position.batch,
             **reading,
         )
-        for batch in itertools.islice(batches, max(steps - position["batch"], 0)):
-            set_learning_rate(trainer, position["step"], per_epoch * cfg.train.epochs)  # not max_steps
-            step_metrics = train_step(trainer, batch.to(device, non_blocking=True), position["step"])
-            position["step"] += 1
-            position["batch"] += 1
-            running = {k: 0.9 * running.get(k, v) + 0.1 * v for k, v in step_metrics.items()}
-            bar.update(1)
-            if position["step"] % cfg.train.log_every == 0:
-                rows_per_s = (
-                    (position["step"] - start_step) * cfg.train.batch_size * world_size / (time.perf_counter() - start)
-                )
-                losses.append(step_metrics["loss"])
-                logger.write("train", position["step"], {**running, "samples_per_s": rows_per_s})
-                bar.set_postfix(loss=f"{running['loss']:.4f}", samples_s=f"{rows_per_s:,.0f}")
-            if cfg.train.eval_every and position["step"] % cfg.train.eval_every == 0:
-                stopped = validate()
-            if cfg.train.checkpoint_every and position["step"] % cfg.train.checkpoint_every == 0:
-                checkpoint("last")
-            if stopped or (max_steps and position["step"] >= max_steps):
-                break
-        else:
-            position["epoch"] += 1
-            position["batch"] = 0
-            if not cfg.train.eval_every:
-                stopped = validate()
-        if max_steps and position["step"] >= max_steps:
-            break
-    checkpoint("last")
-    bar.close()
-    logger.close()
-    best = next((m for m in valid if m.get(metric) == position["best"]), {})
-    return TrainResult(run_dir, position["step"], losses, valid, best, stopped)
+        epoch = position.epoch
+        for batch in itertools.islice(batches, max(steps - position.batch, 0)):
+            _step(run, batch)
+            if position.batch == steps:  # the epoch is done before anything of this step is validated or saved
+                position.epoch, position.batch = epoch + 1, 0
+            if _after_step(run, epoch_done=position.epoch > epoch):
+                return True
+            if cfg.max_steps and position.step >= cfg.max_steps:
+                return False
+        if position.epoch == epoch:  # no batch was left (an older checkpoint saved at the epoch's very end)
+            position.epoch, position.batch = epoch + 1, 0
+    return False
+
+
+def _step(run: _Run, batch: Batch) -> None:
+    """One training step: the update, its loss checked, the log line."""
+    position, cfg = run.progress, run.cfg.train
+    set_learning_rate(run.trainer, position.step, run.total_steps)
+    step_metrics = train_step(run.trainer, batch.to(run.trainer.device, non_blocking=True), position.step)
+    position.step += 1
+    position.batch += 1
+    check_finite(step_metrics, position.step)
+    position.running = {k: 0.9 * position.running.get(k, v) + 0.1 * v for k, v in step_metrics.items()}
+    run.bar.update(1)
+    if position.step % cfg.log_every == 0:
+        rows = (position.step - run.start_step) * cfg.batch_size * world()[1]
+        rows_per_s = rows / (time.monotonic() - run.started_at)
+        run.losses.append(step_metrics["loss"])
+        run.metrics.write("train", position.step, {**position.running, "samples_per_s": rows_per_s})
+        run.bar.set_postfix(loss=f"{position.running['loss']:.4f}", samples_s=f"{rows_per_s:,.0f}")
+
+
+def check_finite(step_metrics: dict[str, float], step: int) -> None:
+    """Stop at the first non-finite loss, before anything of that state is validated or saved.
+
+    Raises:
+        InputError: naming the step and the task(s) whose mean loss is nan or inf (else the total).
+    """
+    bad = [
+        f"loss of task {name.removesuffix('/loss')!r} is {value}"
+        for name, value in step_metrics.items()
+        if name != "loss" and not math.isfinite(value)
+    ]
+    if not bad and not math.isfinite(step_metrics["loss"]):
+        bad = [f"the total loss is {step_metrics['loss']}"]
+    if bad:
+        raise InputError(f"step {step}: {', '.join(bad)}; check optim.lr, the task weights and the data")
+
+
+def _after_step(run: _Run, epoch_done: bool) -> bool:
+    """Validate and checkpoint as the config says; True when it is time to stop early."""
+    cfg, step = run.cfg.train, run.progress.step
+    validate = step % cfg.eval_every == 0 if cfg.eval_every else epoch_done
+    stop = _validate(run) if validate else False
+    timed = _checkpoint_time(run)  # on every rank and step: a collective under torchrun
+    stepped = step % cfg.checkpoint_every == 0 if cfg.checkpoint_every else validate
+    if timed or stepped:
+        _save(run, "last")
+    return stop
+
+
+def _checkpoint_time(run: _Run) -> bool:
+    """Whether `train.checkpoint_minutes` have passed since `last` was saved, by rank 0's clock (so that every rank
+    takes the same decision)."""
+    minutes = run.cfg.train.checkpoint_minutes
+    if not minutes:
+        return False
+    due = time.monotonic() - run.saved_at >= 60 * minutes
+    if world()[1] > 1:
+        flag = torch.tensor([int(due)], device=run.trainer.device)
+        dist.broadcast(flag, src=0)
+        due = bool(flag.item())
+    return due
+
+
+def _validate(run: _Run) -> bool:
+    """Validate and keep the best checkpoint (never for a NaN metric); True when it is time to stop early.
+
+    Raises:
+        InputError: `train.early_stop_metric` is not among the validation metrics.
+    """
+    position = run.progress
+    metrics, _ = split_metrics(run.trainer, run.dataset, "valid")
+    run.valid.append(metrics)
+    run.metrics.write("valid", position.step, metrics)
+    if run.metric not in metrics:
+        raise InputError(f"train.early_stop_metric = {run.metric!r} is not among the metrics {sorted(metrics)}")
+    value = metrics[run.metric]
+    if better(run.metric, value, position.best):
+        position.best, position.stale = value, 0
+        _save(run, "best")
+    else:
+        position.stale += 1
+    if world()[0] == 0:
+        log.info("step %d: valid %s = %.5f (best %s)", position.step, run.metric, value, position.best)
+    return position.stale >= run.cfg.train.patience
+
+
+def _save(run: _Run, name: str) -> None:
+    average_norm_statistics(run.trainer.model)
+    save_checkpoint(run.checkpoints / name, training_state(run.trainer), run.progress)
+    if name == "last":
+        run.saved_at, run.saved_step = time.monotonic(), run.progress.step

@@ -38,3 +38,24 @@ def test_every_subcommand_has_help(command: str, option: str, capsys: pytest.Cap
         main([command, "--help"])
     assert exit_info.value.code == 0
     assert option in capsys.readouterr().out
+
+
+def test_bad_input_is_one_line_but_a_bug_keeps_its_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "run.toml"
+    config.write_text('dataset = "x"\ntasks = [{ name = "ctr" }]\n[optim]\nlr = inf\n')
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == (
+        f"recsys-mtl train: error: optim.lr in {config}: expected a finite number, got inf\n"
+    )
+    config.write_bytes(b"\xff\xfe garbage")
+    assert main(["train", "--config", str(config), "--out", str(tmp_path / "run")]) == 2
+    assert f"{config}: invalid TOML" in capsys.readouterr().err
+
+    def bug(args: object) -> None:
+        raise KeyError("valid")  # an internal error: must not pass for bad input
+
+    monkeypatch.setattr("recsys_mtl.cli._prepare", bug)
+    with pytest.raises(KeyError, match="valid"):
+        main(["prepare", str(tmp_path), "--out", str(tmp_path / "ds")])

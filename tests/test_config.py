@@ -3,6 +3,7 @@ from pathlib import Path
 import pytest
 
 from recsys_mtl.config import Config, TaskConfig, load_config
+from recsys_mtl.errors import InputError
 
 CONFIG = """
 dataset = "demo_out/dataset"
@@ -35,13 +36,21 @@ def test_config_loads_with_overrides_and_round_trips(tmp_path: Path) -> None:
         ("model.num_experts=0", "model.num_experts must be >= 1"),
         ("train.freeze=['towers']", r"train.freeze\[0\] in .*expected one of"),
         ("batch_size", "must look like section.key=value"),
+        ("optim.lr=0", r"\[optim\] in .*optim.embedding_lr and optim.lr must be > 0, got 0.1, 0.0"),
+        ("optim.weight_decay=-0.1", "optim.weight_decay must be >= 0, got -0.1"),
+        ("loss.huber_delta=0", r"\[loss\] in .*huber_delta > 0 expected, got 1.5, 0.0, 0.025, 0.0"),
+        ("model.dense_dims=[16, 0]", r"model.dense_dims must be positive and cross_layers >= 0, got \(16, 0\), 2"),
+        ("tasks=[{ name = 'ctr', weight = -1 }]", "task 'ctr': weight must be >= 0, got -1.0"),
+        ("tasks=[{ name = 'ctr', after = 'ctr' }]", "task 'ctr': after must name another task, got itself"),
+        ("dataset=''", "dataset must name a prepared dataset folder"),
     ],
 )
 def test_bad_config_values_are_refused_with_the_key(tmp_path: Path, override: str, message: str) -> None:
     path = tmp_path / "run.toml"
     path.write_text(CONFIG)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(InputError, match=message) as caught:
         load_config(path, [override])
+    assert caught.type is InputError
 
 
 def test_task_after_must_name_a_configured_task() -> None:

@@ -7,6 +7,7 @@ from data_prep.description import load_description
 from data_prep.encode import RawEncoder
 from data_prep.prepare import prepare
 from recsys_mtl.data.schema import SPLITS
+from recsys_mtl.errors import InputError, MissingInputError
 from tests.test_prepare import TOY_DESCRIPTION, _toy_raw
 
 
@@ -58,4 +59,30 @@ def test_raw_rows_missing_a_feature_or_side_table_are_refused(tmp_path: Path) ->
         RawEncoder(tmp_path / "ds", side_dir=tmp_path)(rows, "new.csv")
     (tmp_path / "ds" / "description.toml").unlink()
     with pytest.raises(FileNotFoundError, match=r"description\.toml is missing"):
+        RawEncoder(tmp_path / "ds")
+
+
+def test_raw_rows_with_a_column_of_the_wrong_dtype_are_refused_naming_it(tmp_path: Path) -> None:
+    raw = _toy_raw(tmp_path / "raw")
+    prepare(raw, tmp_path / "ds", load_description(raw / "toy.toml"))
+    rows = pl.read_csv(raw / "rows.csv").join(pl.read_csv(raw / "items.csv"), on="item", how="left")
+    encoder = RawEncoder(tmp_path / "ds")
+    with pytest.raises(
+        InputError, match=r"new\.csv: column 'price' \(dense 'price'\) has dtype String, expected numbers"
+    ):
+        encoder(rows.with_columns(pl.col("price").cast(pl.String)), "new.csv")
+    with pytest.raises(InputError, match=r"new\.csv: label column 'click' has dtype String, expected numbers"):
+        encoder(rows.with_columns(pl.col("click").cast(pl.String)), "new.csv")
+    with pytest.raises(
+        InputError, match=r"new\.csv: cannot read it .*`str` to `i64` failed in column 'item'"
+    ) as caught:
+        encoder(rows.with_columns(pl.format("i{}", "item").alias("item")), "new.csv")
+    assert caught.type is InputError
+
+
+def test_missing_vocabulary_is_refused_naming_it(tmp_path: Path) -> None:
+    raw = _toy_raw(tmp_path / "raw")
+    prepare(raw, tmp_path / "ds", load_description(raw / "toy.toml"))
+    (tmp_path / "ds" / "vocab" / "tags.parquet").unlink()
+    with pytest.raises(MissingInputError, match=r"vocab/tags\.parquet"):
         RawEncoder(tmp_path / "ds")

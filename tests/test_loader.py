@@ -1,11 +1,13 @@
 import math
+import shutil
 from pathlib import Path
 
 import polars as pl
 import pytest
 import torch
 
-from recsys_mtl.data.loader import Dataset, count_batches, read_batches
+from recsys_mtl.data.loader import BatchBuilder, Dataset, count_batches, read_batches
+from recsys_mtl.errors import InputError
 
 
 @pytest.fixture(scope="module")
@@ -100,3 +102,28 @@ def test_bad_reader_arguments_are_refused(dataset: Dataset, kwargs: dict, messag
 def test_unknown_split_is_refused(dataset: Dataset) -> None:
     with pytest.raises(ValueError, match="split must be one of"):
         next(read_batches(dataset, "validation", 8))
+
+
+def test_non_finite_dense_values_are_read_as_null_and_counted(dataset: Dataset) -> None:
+    frame = pl.read_parquet(dataset.folder / dataset.schema.splits["test"].files[0]).head(4)
+    frame = frame.with_columns(
+        pl.Series("price", [math.inf, -5.0, None, 9.0], pl.Float32),  # log1p: -5 has no logarithm
+        pl.Series("bid", [math.nan, 1.0, 2.0, None], pl.Float32),
+    )
+    build = BatchBuilder(dataset.schema)
+    assert build.non_finite(frame) == {"price": 2, "length": 0, "bid": 1}  # nulls are not counted
+    dense = build(frame).dense  # [4, D_dense]: price, length, bid
+    price, bid = (dataset.schema.dense_features[i] for i in (0, 2))
+    expected_price = [0.0, 0.0, 0.0, (math.log1p(9.0) - price.mean) / price.std]
+    expected_bid = [0.0, (1.0 - bid.mean) / bid.std, (2.0 - bid.mean) / bid.std, 0.0]
+    torch.testing.assert_close(dense[:, 0], torch.tensor(expected_price))
+    torch.testing.assert_close(dense[:, 2], torch.tensor(expected_bid))
+
+
+def test_truncated_shard_read_mid_split_is_refused_naming_it(tiny_dataset: Path, tmp_path: Path) -> None:
+    folder = Path(shutil.copytree(tiny_dataset, tmp_path / "ds"))
+    opened = Dataset(folder)
+    shard = folder / opened.schema.splits["train"].files[-1]
+    shard.write_bytes(shard.read_bytes()[:-20])
+    with pytest.raises(InputError, match=rf"{shard}: cannot read it"):
+        list(read_batches(opened, "train", 4096))

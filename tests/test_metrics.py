@@ -1,9 +1,11 @@
+import math
+
 import numpy as np
 import pytest
 import torch
 from sklearn.metrics import log_loss, mean_absolute_error, mean_poisson_deviance, mean_squared_error, roc_auc_score
 
-from recsys_mtl.metrics import auc, gauc, logloss, poisson_deviance, task_metrics
+from recsys_mtl.metrics import auc, format_metric, gauc, logloss, poisson_deviance, task_metrics
 from recsys_mtl.model.losses import TaskSpec
 
 RNG = np.random.default_rng(0)
@@ -77,3 +79,22 @@ def test_cvr_metrics_use_clicked_rows_and_the_joint_probability() -> None:
     clicked = clicks == 1
     assert metrics["cvr/auc_clicked"] == pytest.approx(roc_auc_score(conversions[clicked], p_cvr[clicked]))
     assert metrics["cvr/ctcvr_auc"] == pytest.approx(roc_auc_score(conversions, p_ctr * p_cvr))
+
+
+def test_constant_labels_give_undefined_aucs_not_an_error() -> None:
+    ctr = TaskSpec(name="ctr", kind="binary", loss="bce", weight=1.0)
+    probs = torch.tensor([0.2, 0.4, 0.6, 0.8])
+    metrics = task_metrics(
+        {"ctr": probs},
+        {"ctr": torch.zeros(4)},
+        {"ctr": torch.ones(4, dtype=torch.bool)},
+        (ctr,),
+        np.array([1, 1, 2, 2]),
+    )
+    assert math.isnan(metrics["ctr/auc"])
+    assert math.isnan(metrics["ctr/gauc"])
+    assert math.isnan(metrics["ctr/calibration"])  # no positives to divide by
+    assert metrics["ctr/logloss"] == pytest.approx(log_loss([0, 0, 0, 0], probs.numpy(), labels=[0, 1]))
+    assert [format_metric(metrics[k], 3) for k in ("ctr/auc", "ctr/logloss")] == ["—", "0.815"]
+    assert format_metric(None) == "—"
+    assert format_metric(0.123456) == "0.1235"

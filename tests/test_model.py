@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from recsys_mtl.data.loader import Dataset, read_batches
+from recsys_mtl.errors import InputError
 from recsys_mtl.metrics import auc
 from recsys_mtl.model.embeddings import TEXT_TABLE_PREFIX, read_table
 from recsys_mtl.trainer import Trainer, build_trainer, predict_batch, train_step
@@ -154,7 +155,7 @@ def test_sharding_per_table_follows_the_config(text_dataset: Path, tiny_bert: Pa
     before = read_table(trainer.model, "city")
     train_step(trainer, _batch(dataset), step=0)
     assert (read_table(trainer.model, "city") != before).any()  # data-parallel tables are trained too
-    with pytest.raises(KeyError, match="sharding names unknown tables"):
+    with pytest.raises(InputError, match="sharding names unknown tables"):
         _trainer(text_dataset, tiny_bert, sharding={"nope": "table_wise"})
     with pytest.raises(ValueError, match=r"uvm_caching = \['item'\] needs --device cuda"):
         _trainer(text_dataset, tiny_bert, uvm_caching=["item"])

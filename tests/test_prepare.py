@@ -1,4 +1,5 @@
 import hashlib
+import math
 from pathlib import Path
 
 import polars as pl
@@ -8,6 +9,7 @@ from data_prep.description import load_description
 from data_prep.prepare import prepare
 from recsys_mtl.data.loader import Dataset, read_batches
 from recsys_mtl.data.schema import Schema
+from recsys_mtl.errors import InputError, MissingInputError
 from tests.conftest import TINY_WORLD, shared_data
 
 TOY_DESCRIPTION = """
@@ -227,3 +229,123 @@ def test_hashed_table_buckets_every_value_stably(tmp_path: Path) -> None:
     ]
     assert rows["item"].to_list() == expected  # item 3, unseen in train, still gets its own bucket
     assert not (tmp_path / "ds" / "vocab" / "item.parquet").exists()
+
+
+def _prepare_refused(raw: Path, error: type[Exception], message: str) -> str:
+    """Prepare `raw` (its toy.toml) into a sibling folder; check that it fails with exactly `error` matching `message`
+    and that the raw folder is all that is left beside it. Returns the message."""
+    with pytest.raises(InputError, match=message) as caught:
+        prepare(raw, raw.parent / "ds", load_description(raw / "toy.toml"))
+    assert caught.type is error
+    assert [p.name for p in raw.parent.iterdir()] == [raw.name]
+    return str(caught.value)
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "around"])
+def test_output_over_inside_or_around_the_raw_folder_is_refused_and_raw_survives(tmp_path: Path, where: str) -> None:
+    raw = _toy_raw(tmp_path / "raw")
+    before = {p.name: p.read_bytes() for p in raw.iterdir()}
+    out = {"same": raw, "inside": raw / "ds", "around": tmp_path}[where]
+    with pytest.raises(InputError, match=rf"--out {out} is, contains or lies inside the input {raw}") as caught:
+        prepare(raw, out, load_description(raw / "toy.toml"), overwrite=True)
+    assert caught.type is InputError
+    assert {p.name: p.read_bytes() for p in raw.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["raw"]
+
+
+@pytest.mark.parametrize(
+    ("price", "message"),
+    [
+        (math.inf, r"items\.csv: dense column 'price' has inf \(2 such rows in all splits\), expected finite"),
+        (math.nan, r"items\.csv: dense column 'price' has nan \(2 such rows in all splits\), expected finite"),
+        (
+            -2.0,
+            r"items\.csv: dense column 'price' has -2\.0 \(2 such rows .*expected numbers >= 0 \(transform = 'log1p'",
+        ),
+    ],
+)
+def test_bad_dense_value_only_in_valid_and_test_is_refused(tmp_path: Path, price: float, message: str) -> None:
+    raw = _toy_raw(tmp_path / "raw")
+    items = pl.read_csv(raw / "items.csv")  # item 3 is shown on day 3 (valid) and day 4 (test), never in train
+    items.with_columns(pl.when(pl.col("item") == 3).then(price).otherwise(pl.col("price")).alias("price")).write_csv(
+        raw / "items.csv"
+    )
+    _prepare_refused(raw, InputError, message)
+
+
+def test_non_finite_dense_value_of_the_rows_names_the_row_file(tmp_path: Path) -> None:
+    raw = _toy_raw(tmp_path / "raw", dwell=[1.0, 2.0, 3.0, 1.0, 2.0, 3.0, 1.0, 2.0, -math.inf, 1.0])
+    (raw / "toy.toml").write_text(TOY_DESCRIPTION + '[[features]]\nname = "dwell"\nkind = "dense"\n')
+    _prepare_refused(raw, InputError, rf"{raw / 'rows.csv'}: dense column 'dwell' has -inf \(1 such rows in all splits")
+
+
+def test_nan_label_in_valid_is_refused_not_taken_as_absent(tmp_path: Path) -> None:
+    raw = _toy_raw(tmp_path / "raw", stars=[None, 4.0, None, None, 5.0, None, 2.0, math.nan, None, 3.0])
+    _prepare_refused(
+        raw,
+        InputError,
+        r"rows\.csv: label column 'stars' has nan \(1 such rows in all splits\), expected a number in \[1\.0, 5\.0\], "
+        "or null for an absent label",
+    )
+
+
+def test_empty_or_truncated_raw_file_is_refused_naming_it(tmp_path: Path) -> None:
+    raw = _toy_raw(tmp_path / "raw")
+    (raw / "items.csv").write_text("")
+    _prepare_refused(raw, InputError, rf"{raw / 'items.csv'}: cannot read it \(NoDataError: empty CSV\)")
+    pl.read_csv(raw / "rows.csv").write_parquet(raw / "rows.parquet")
+    (raw / "rows.parquet").write_bytes((raw / "rows.parquet").read_bytes()[:100])
+    (raw / "toy.toml").write_text(TOY_DESCRIPTION.replace('rows = ["rows.csv"]', 'rows = ["rows.parquet"]'))
+    _prepare_refused(raw, InputError, rf"{raw / 'rows.parquet'}: cannot read it \(ComputeError: parquet")
+    (raw / "rows.parquet").unlink()
+    _prepare_refused(raw, MissingInputError, rf"no raw file matches 'rows.parquet' under {raw}")
+
+
+def test_id_column_of_another_dtype_in_one_raw_file_is_refused_naming_both(tmp_path: Path) -> None:
+    raw = _toy_raw(tmp_path / "raw")
+    rows = pl.read_csv(raw / "rows.csv")
+    rows.head(5).write_parquet(raw / "part-0.parquet")
+    rows.tail(5).with_columns(pl.col("item").cast(pl.String)).write_parquet(raw / "part-1.parquet")
+    (raw / "toy.toml").write_text(TOY_DESCRIPTION.replace('rows = ["rows.csv"]', 'rows = ["part-*.parquet"]'))
+    _prepare_refused(
+        raw,
+        InputError,
+        rf"{raw / 'part-1.parquet'}: column 'item' is String here but Int64 in {raw / 'part-0.parquet'}",
+    )
+    (raw / "part-1.parquet").unlink()
+    pl.read_csv(raw / "items.csv").with_columns(pl.format("i{}", "item").alias("item")).write_csv(raw / "items.csv")
+    _prepare_refused(raw, InputError, r"items\.csv: join key 'item' is String here but Int64 in the raw rows")
+
+
+def test_unparsable_value_past_the_inferred_rows_is_refused_naming_the_raw_folder(tmp_path: Path) -> None:
+    raw = _toy_raw(tmp_path / "raw")
+    rows = pl.concat([pl.read_csv(raw / "rows.csv")] * 11).with_columns(pl.int_range(pl.len()).alias("row"))
+    rows.cast({"item": pl.String}).with_columns(  # polars infers dtypes from the first 100 rows
+        pl.when(pl.col("row") == 105).then(pl.lit("x")).otherwise(pl.col("item")).alias("item")
+    ).write_csv(raw / "rows.csv")
+    message = _prepare_refused(raw, InputError, rf"^{raw}: cannot read it \(ComputeError: ")
+    assert "could not parse `x` as dtype `i64` at column 'item'" in message
+
+
+def test_dense_column_of_strings_is_refused_naming_it(tmp_path: Path) -> None:
+    raw = _toy_raw(tmp_path / "raw")
+    pl.read_csv(raw / "items.csv").with_columns(pl.format("${}", "price").alias("price")).write_csv(raw / "items.csv")
+    _prepare_refused(raw, InputError, rf"{raw}: column 'price' \(dense 'price'\) has dtype String, expected numbers")
+
+
+def test_hashed_table_too_large_for_memory_is_refused_when_the_description_loads(tmp_path: Path) -> None:
+    raw = _toy_raw(tmp_path / "raw")
+    (raw / "toy.toml").write_text(TOY_DESCRIPTION.replace("min_count = 2", f"hash_buckets = {10**15}"))
+    with pytest.raises(
+        InputError,
+        match=r"toy\.toml: the embedding tables need .* GiB .*table 'item': "
+        r"1,000,000,000,000,001 rows x 16 = 59,604,644\.8 GiB\), more than this machine's memory",
+    ):
+        load_description(raw / "toy.toml")
+
+
+def test_embedding_dim_that_no_table_can_take_is_refused_when_the_description_loads(tmp_path: Path) -> None:
+    raw = _toy_raw(tmp_path / "raw")
+    (raw / "toy.toml").write_text(TOY_DESCRIPTION.replace("min_count = 2", "min_count = 2\nembedding_dim = 30"))
+    with pytest.raises(InputError, match=r"\[tables\.item\] in .*toy\.toml: embedding_dim must be a positive multiple"):
+        load_description(raw / "toy.toml")

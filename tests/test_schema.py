@@ -1,3 +1,5 @@
+import math
+import re
 import shutil
 from pathlib import Path
 
@@ -6,6 +8,7 @@ import pytest
 
 from recsys_mtl.data.loader import Dataset
 from recsys_mtl.data.schema import Schema
+from recsys_mtl.errors import InputError
 
 
 @pytest.fixture
@@ -107,3 +110,72 @@ def test_schema_round_trips_through_toml(dataset: Path, tmp_path: Path) -> None:
     schema = Schema.load(dataset)
     schema.save(tmp_path)
     assert Schema.load(tmp_path) == schema
+
+
+def _refused(dataset: Path, error: type[Exception], message: str) -> None:
+    with pytest.raises(InputError, match=message) as caught:
+        Dataset(dataset)
+    assert caught.type is error
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda text: re.sub(r"\[splits\.valid\].*?(?=\n\[)", "", text, flags=re.DOTALL),
+            r"splits must be exactly \['train', 'valid', 'test'\], got \['test', 'train'\]",
+        ),
+        (lambda text: text.replace('task = "cvr"', 'task = "ctr"'), r"labels must feed distinct tasks, .*'ctr', 'ctr'"),
+        (lambda text: text.replace("min = 1.0, max = 5.0", "min = 5.0, max = 1.0"), "needs min < max, got 5.0, 1.0"),
+        (
+            lambda text: re.sub(r'(name = "bid"\n[^\[]*std = )\S+', r"\g<1>0.0", text),
+            "feature 'bid': std must be > 0, got 0.0",
+        ),
+        (lambda text: re.sub(r"num_rows = \d+", "num_rows = 0", text, count=1), r"num_rows >= 1, got \d files, 0 rows"),
+        (lambda text: text[: len(text) // 2] + "\n[[[", "invalid TOML"),
+    ],
+)
+def test_incomplete_or_inconsistent_schema_is_refused_naming_the_file(dataset: Path, edit, message: str) -> None:
+    path = dataset / "schema.toml"
+    path.write_text(edit(path.read_text()))
+    _refused(dataset, InputError, rf"{path}.*{message}")
+
+
+def test_embedding_table_too_large_for_memory_is_refused_naming_it(dataset: Path) -> None:
+    path = dataset / "schema.toml"
+    path.write_text(re.sub(r'"item", num_embeddings = \d+', f'"item", num_embeddings = {10**15}', path.read_text()))
+    _refused(
+        dataset,
+        InputError,
+        rf"{path}: the embedding tables need [\d,.]+ GiB of float32 weights \(table 'item': "
+        r"1,000,000,000,000,000 rows x 32 = 119,209,289\.6 GiB\), more than this machine's memory \([\d,.]+ GiB\)",
+    )
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "message"),
+    [
+        ("bid", math.inf, r"dense column 'bid' has 2 non-finite values \(inf or NaN\)"),
+        ("bid", math.nan, r"dense column 'bid' has 2 non-finite values \(inf or NaN\)"),
+        ("price", -3.0, r"dense column 'price' has 2 negative values; its transform log1p needs values >= 0"),
+        ("click", math.nan, r"label 'click' has 2 non-finite values \(NaN or inf\); expected 0 or 1, or null"),
+        ("reads", math.inf, r"label 'reads' has 2 non-finite values \(NaN or inf\); expected a whole number >= 0"),
+    ],
+)
+def test_hand_made_shard_with_non_finite_values_is_refused(
+    dataset: Path, column: str, value: float, message: str
+) -> None:
+    shard = dataset / Schema.load(dataset).splits["valid"].files[0]
+    _rewrite(
+        shard,
+        lambda df: df.with_columns(
+            pl.when(pl.int_range(pl.len()) < 2).then(pl.lit(value, pl.Float32)).otherwise(pl.col(column)).alias(column)
+        ),
+    )
+    _refused(dataset, InputError, rf"{shard}: {message}")
+
+
+def test_truncated_shard_is_refused_naming_it(dataset: Path) -> None:
+    shard = dataset / Schema.load(dataset).splits["test"].files[0]
+    shard.write_bytes(shard.read_bytes()[:-20])
+    _refused(dataset, InputError, rf"{shard}: cannot read it \(ComputeError: parquet")

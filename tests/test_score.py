@@ -11,7 +11,9 @@ from data_prep.encode import RawEncoder
 from recsys_mtl import score as score_module
 from recsys_mtl.cli import main
 from recsys_mtl.data.loader import Dataset
+from recsys_mtl.errors import InputError, OutputExistsError
 from recsys_mtl.evaluate import load_trained, predict_split
+from recsys_mtl.files import locked
 from recsys_mtl.metrics import auc
 from recsys_mtl.score import ScoreShard, plan_shards, score
 from recsys_mtl.train import train
@@ -87,12 +89,12 @@ def test_a_rerun_after_a_crash_completes_without_duplicates(
     write = score_module._write_shard
     calls = []
 
-    def crash_on_the_third(path: Path, frame: pl.DataFrame, shard: ScoreShard) -> None:
+    def crash_on_the_third(path: Path, frame: pl.DataFrame, shard: ScoreShard, digest: str) -> None:
         calls.append(shard.index)
         if len(calls) == 3:
             frame.head(10).write_parquet(path.with_name(f".{path.name}.tmp-1"))  # half written, then killed
             raise KeyboardInterrupt
-        write(path, frame, shard)
+        write(path, frame, shard, digest)
 
     monkeypatch.setattr(score_module, "_write_shard", crash_on_the_third)
     with pytest.raises(KeyboardInterrupt):
@@ -135,3 +137,67 @@ def test_score_from_the_command_line(run: Path, text_dataset: Path, tmp_path: Pa
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["rows"] == 4_285
     assert main(["score", str(run), str(tmp_path / "nothing"), "--out", str(tmp_path / "o2"), "--quiet"]) == 2
     assert "no parquet files to score" in capsys.readouterr().err
+
+
+def test_an_out_that_is_holds_or_lies_inside_the_input_is_refused(
+    run: Path, tiny_world: Path, text_dataset: Path, tmp_path: Path
+) -> None:
+    schema_before = (text_dataset / "schema.toml").read_bytes()
+    for out in (text_dataset, text_dataset / "scores", text_dataset.parent):
+        with pytest.raises(InputError, match="is, contains or lies inside the input"):
+            score(run, text_dataset, out, CPU, progress=False)
+    raw = tmp_path / "raw" / "rows.parquet"
+    raw.parent.mkdir()
+    pl.read_parquet(tiny_world / "impressions").head(50).write_parquet(raw)
+    encoder = RawEncoder(text_dataset, side_dir=tiny_world)
+    for inp, out in ((raw, raw.parent), (raw.parent, raw.parent / "scores"), (raw.parent / "*.parquet", raw.parent)):
+        with pytest.raises(InputError, match="is, contains or lies inside the input"):
+            score(run, inp, out, CPU, encoder=encoder, progress=False)
+    assert (text_dataset / "schema.toml").read_bytes() == schema_before
+    assert not (text_dataset / "scores").exists()
+    assert [p.name for p in raw.parent.iterdir()] == ["rows.parquet"]
+    assert pl.read_parquet(raw).height == 50
+
+
+def test_files_the_scorer_did_not_write_are_never_taken_for_scores(
+    run: Path, text_dataset: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match=r"holds files that recsys-mtl score did not write \(notes.txt\)"):
+        score(run, text_dataset, out, CPU, progress=False)
+    (out / "notes.txt").unlink()
+    test_rows = pl.read_parquet(text_dataset / "test")
+    test_rows.write_parquet(out / "part-00000.parquet")  # input rows where a shard would be, without a manifest
+    with pytest.raises(OutputExistsError, match=r"did not write \(part-00000.parquet\)"):
+        score(run, text_dataset, out, CPU, progress=False)
+    (out / "part-00000.parquet").unlink()
+    score(run, text_dataset, out, CPU, rows_per_shard=2_000, progress=False)
+    clean = _scores(out)
+    test_rows.head(pq.ParquetFile(out / "part-00001.parquet").metadata.num_rows).write_parquet(
+        out / "part-00001.parquet"
+    )  # same row count, not the scorer's: rescored, not skipped
+    summary = score(run, text_dataset, out, CPU, rows_per_shard=2_000, progress=False)
+    assert summary.shards_written == ["part-00001.parquet"]
+    assert _scores(out).equals(clean)
+
+
+def test_two_scorers_never_write_one_out(run: Path, text_dataset: Path, tmp_path: Path) -> None:
+    with locked(tmp_path / "out"), pytest.raises(OutputExistsError, match=r"in use by another process \(pid \d+\)"):
+        score(run, text_dataset, tmp_path / "out", CPU, progress=False)
+    assert score(run, text_dataset, tmp_path / "out", CPU, progress=False).rows == 4_285  # the lock is released
+
+
+def test_non_finite_raw_values_are_scored_as_missing_and_counted(
+    run: Path, tiny_world: Path, text_dataset: Path, tmp_path: Path
+) -> None:
+    raw = _raw_test_rows(tiny_world, text_dataset).rename({"key_impression_id": "impression_id"}).head(400)
+    bid = pl.Series("bid", [float("inf"), float("nan"), -float("inf")] + [None] * 397, dtype=pl.Float64)
+    raw.with_columns(bid).write_parquet(tmp_path / "bad.parquet")
+    raw.with_columns(pl.lit(None, pl.Float64).alias("bid")).write_parquet(tmp_path / "missing.parquet")
+    encoder = RawEncoder(text_dataset, side_dir=tiny_world)
+    summary = score(run, tmp_path / "bad.parquet", tmp_path / "bad", CPU, encoder=encoder, progress=False)
+    score(run, tmp_path / "missing.parquet", tmp_path / "missing", CPU, encoder=encoder, progress=False)
+    assert summary.non_finite == {"price": 0, "length": 0, "bid": 3}
+    assert_frame_equal(_scores(tmp_path / "bad"), _scores(tmp_path / "missing"))

@@ -3,6 +3,7 @@ from typing import Literal
 
 import pytest
 
+from recsys_mtl.errors import InputError
 from recsys_mtl.structs import from_mapping, to_mapping
 
 
@@ -37,8 +38,10 @@ def test_nested_tables_build_and_round_trip() -> None:
         ({"kind": "a", "rate": "fast"}, "rate in f.toml: expected float, got 'fast'"),
         ({"kind": "a", "items": [{"name": "x", "size": True}]}, r"items\[0\].size in f.toml: expected int, got True"),
         ({}, "missing key kind in f.toml"),
+        ({"kind": "a", "rate": float("inf")}, "rate in f.toml: expected a finite number, got inf"),
+        ({"kind": "a", "rate": float("nan")}, "rate in f.toml: expected a finite number, got nan"),
     ],
 )
 def test_bad_tables_are_refused_naming_the_key(data: dict, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(InputError, match=message):
         from_mapping(Outer, data, "f.toml")

@@ -7,6 +7,7 @@ import pytest
 
 from data_prep import words
 from data_prep.synth import WorldConfig, generate_world
+from recsys_mtl.errors import InputError
 from tests.conftest import TINY_WORLD
 
 
@@ -97,7 +98,7 @@ def test_recent_categories_are_distinct_known_categories(log: pl.DataFrame) -> N
     [("impressions", 0, "--impressions must be >= 1"), ("days", 2, "--days must be >= 3"), ("items", 5, "--items")],
 )
 def test_bad_world_config_is_refused(field: str, value: int, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(InputError, match=message):
         WorldConfig(**{field: value})
 
 

@@ -8,6 +8,7 @@ import torch
 from recsys_mtl.cli import main
 from recsys_mtl.config import TextConfig
 from recsys_mtl.data.schema import Schema
+from recsys_mtl.errors import InputError, MissingInputError
 from recsys_mtl.text import TextEncoder, encode_dataset, load_text_vectors, mean_pool, resolve_model
 
 CPU = torch.device("cpu")
@@ -63,15 +64,19 @@ def test_mean_pool_ignores_padding() -> None:
 
 def test_missing_or_foreign_vectors_are_refused(dataset: Path, tiny_bert: Path) -> None:
     schema = Schema.load(dataset)
-    with pytest.raises(FileNotFoundError, match=r"run `recsys-mtl encode-text"):
+    with pytest.raises(MissingInputError, match=r"run `recsys-mtl encode-text"):
         load_text_vectors(dataset, schema, TextConfig(model=str(tiny_bert)))
     encode_dataset(dataset, TextConfig(model=str(tiny_bert)), CPU, progress=False)
-    with pytest.raises(ValueError, match=r"expected .* from 'all-MiniLM-L6-v2@float32'"):
+    with pytest.raises(InputError, match=r"expected .* from 'all-MiniLM-L6-v2@float32'"):
         load_text_vectors(dataset, schema, TextConfig())
+    vectors = dataset / "text_emb" / "ad_text.parquet"
+    vectors.write_bytes(vectors.read_bytes()[:-30])
+    with pytest.raises(InputError, match=rf"{vectors}: cannot read it"):
+        load_text_vectors(dataset, schema, TextConfig(model=str(tiny_bert)))
 
 
 def test_unknown_model_folder_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=r"not 'all-MiniLM-L6-v2' and not a folder with config\.json"):
+    with pytest.raises(MissingInputError, match=r"not 'all-MiniLM-L6-v2' and not a folder with config\.json"):
         resolve_model(str(tmp_path))
 
 

@@ -18,6 +18,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys_mtl.data.batch import Batch
 from recsys_mtl.data.schema import KEY_PREFIX, SPLITS, Schema, check_dataset
+from recsys_mtl.errors import reading
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,8 @@ class Dataset:
         groups = []
         for name in self.schema.splits[split].files:
             path = self.folder / name
-            meta = pq.ParquetFile(path).metadata
+            with reading(path):
+                meta = pq.ParquetFile(path).metadata
             groups += [RowGroup(path, i, meta.row_group(i).num_rows) for i in range(meta.num_row_groups)]
         return groups
 
@@ -87,9 +89,8 @@ class BatchBuilder:
             values=torch.from_numpy(np.concatenate(values).astype(np.int64, copy=False)),  # [sum of lengths]
             lengths=torch.from_numpy(np.concatenate(lengths)),  # [F * B], feature-major
         )
-        dense = df.select(self.dense_columns).to_numpy().astype(np.float32, copy=False)  # [B, D_dense], NaN = null
-        dense = np.where(self.log1p, np.log1p(dense), dense)
-        dense = np.nan_to_num((dense - self.mean) / self.std, nan=0.0)
+        dense = self._standardised(df)  # [B, D_dense]
+        dense = np.where(np.isfinite(dense), dense, np.float32(0.0))  # null or non-finite: 0, the train mean
         labels, masks = {}, {}
         for label in self.schema.labels:
             target = df.get_column(label.column).to_numpy().astype(np.float32, copy=False)  # [B], NaN = absent
@@ -98,6 +99,21 @@ class BatchBuilder:
             masks[label.task] = torch.from_numpy(present)
         keys = df.select(KEY_PREFIX + k for k in self.schema.keys).rename(lambda c: c.removeprefix(KEY_PREFIX))
         return Batch(sparse=sparse, dense=torch.from_numpy(dense), labels=labels, masks=masks, keys=keys)
+
+    def non_finite(self, df: pl.DataFrame) -> dict[str, int]:
+        """Per dense column, the rows of `df` whose value is not finite after its transform and standardisation
+        (inf, NaN, log1p of a value < -1): the rows that `__call__` treats as null. Nulls are not counted."""
+        null = df.select(pl.col(self.dense_columns).is_null()).to_numpy().reshape(df.height, len(self.dense_columns))
+        bad = ~np.isfinite(self._standardised(df)) & ~null
+        return dict(zip(self.dense_columns, bad.sum(0).tolist(), strict=True))  # [D_dense] -> per column
+
+    def _standardised(self, df: pl.DataFrame) -> np.ndarray:
+        """The dense columns after transform and train standardisation: [B, D_dense] float32, NaN where null."""
+        dense = df.select(self.dense_columns).to_numpy().astype(np.float32, copy=False)
+        dense = dense.reshape(df.height, len(self.dense_columns))  # [B, D_dense], NaN = null
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):  # non-finite results are handled after
+            dense = np.where(self.log1p, np.log1p(dense), dense)
+            return (dense - self.mean) / self.std
 
 
 def read_batches(
@@ -199,5 +215,6 @@ def count_batches(
 
 
 def _read_row_group(group: RowGroup, columns: list[str]) -> pl.DataFrame:
-    table = pq.ParquetFile(group.path).read_row_group(group.index, columns=columns)
+    with reading(group.path):
+        table = pq.ParquetFile(group.path).read_row_group(group.index, columns=columns)
     return pl.from_arrow(table.slice(group.offset, group.num_rows))  # type: ignore[return-value]

@@ -7,18 +7,21 @@ A prepared dataset is a folder:
     vocab/<table>.parquet       raw value -> index, for every vocabulary-encoded table
     text/<name>.parquet         index -> raw key, text, for every text feature
 
-Shard columns, by kind: id features Int64 (0 = unknown), multi-hot List(Int64), dense Float32 (raw; the reader
-applies `transform` and the train-split `mean` / `std`), text features Int64 (row of the text table, 0 = no text),
-labels Float32 (null = absent), keys `key_<column>` with their raw dtype.
+Shard columns, by kind: id features Int64 (0 = unknown), multi-hot List(Int64), dense Float32 (raw, finite or null;
+the reader applies `transform` and the train-split `mean` / `std`), text features Int64 (row of the text table, 0 = no
+text), labels Float32 (finite, null = absent; never NaN), keys `key_<column>` with their raw dtype.
 """
 
-from dataclasses import dataclass, field
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import polars as pl
 import tomli_w
 
+from recsys_mtl.errors import InputError, MissingInputError, reading
 from recsys_mtl.files import atomic_write_text
 from recsys_mtl.structs import from_mapping, read_toml, to_mapping
 
@@ -26,6 +29,7 @@ SCHEMA_FILE = "schema.toml"
 SPLITS = ("train", "valid", "test")
 FORMAT_VERSION = 1
 KEY_PREFIX = "key_"
+GIB = 1 << 30
 
 FeatureKind = Literal["id", "multi_hot", "dense"]
 TaskKind = Literal["binary", "regression", "count"]
@@ -61,6 +65,10 @@ class FeatureSpec:
     mean: float = 0.0
     std: float = 1.0
 
+    def __post_init__(self) -> None:
+        if self.kind == "dense" and not self.std > 0:
+            raise ValueError(f"feature {self.name!r}: std must be > 0, got {self.std}")
+
 
 @dataclass(frozen=True)
 class TextSpec:
@@ -69,6 +77,10 @@ class TextSpec:
     name: str
     key: str
     num_texts: int  # rows of the text table, plus the empty row 0
+
+    def __post_init__(self) -> None:
+        if self.num_texts < 1:
+            raise ValueError(f"text {self.name!r}: num_texts must be >= 1 (the empty row 0), got {self.num_texts}")
 
 
 @dataclass(frozen=True)
@@ -80,6 +92,10 @@ class LabelSpec:
     kind: TaskKind
     min: float | None = None
     max: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind == "regression" and (self.min is None or self.max is None or self.min >= self.max):
+            raise ValueError(f"label {self.column!r}: a regression label needs min < max, got {self.min}, {self.max}")
 
     def domain(self) -> str:
         if self.kind == "binary":
@@ -103,6 +119,12 @@ class SplitSpec:
     files: tuple[str, ...]
     num_rows: int
 
+    def __post_init__(self) -> None:
+        if not self.files or self.num_rows < 1:
+            raise ValueError(
+                f"a split needs files and num_rows >= 1, got {len(self.files)} files, {self.num_rows} rows"
+            )
+
 
 @dataclass(frozen=True)
 class Schema:
@@ -110,9 +132,9 @@ class Schema:
     tables: tuple[TableSpec, ...]
     features: tuple[FeatureSpec, ...]
     labels: tuple[LabelSpec, ...]
+    splits: dict[str, SplitSpec]
     texts: tuple[TextSpec, ...] = ()
     keys: tuple[str, ...] = ()
-    splits: dict[str, SplitSpec] = field(default_factory=dict)
     oracle: OracleSpec | None = None
     format_version: int = FORMAT_VERSION
     source: str = ""
@@ -126,9 +148,26 @@ class Schema:
                 raise ValueError(
                     f"feature {f.name!r} uses table {f.table!r}, which is not among tables {sorted(tables)}"
                 )
-        names = [*self.columns()]
+        if sorted(self.splits) != sorted(SPLITS):
+            raise ValueError(f"splits must be exactly {list(SPLITS)}, got {sorted(self.splits)}")
+        if len(tables) != len(self.tables):
+            raise ValueError(f"table names must be unique, got {[t.name for t in self.tables]}")
+        names = [
+            *(f.name for f in self.features),
+            *(t.name for t in self.texts),
+            *(label.column for label in self.labels),
+            *(KEY_PREFIX + key for key in self.keys),
+        ]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate column names in {names}")
+        tasks = [label.task for label in self.labels]
+        if not tasks or len(set(tasks)) != len(tasks):
+            raise ValueError(f"labels must feed distinct tasks, at least one; got {tasks}")
+        if self.oracle is not None and (self.oracle.key not in self.keys or not set(self.oracle.columns) <= {*tasks}):
+            raise ValueError(
+                f"oracle: key {self.oracle.key!r} must be one of keys {list(self.keys)} and its tasks "
+                f"{sorted(self.oracle.columns)} among {tasks}"
+            )
 
     def table(self, name: str) -> TableSpec:
         return next(t for t in self.tables if t.name == name)
@@ -161,19 +200,61 @@ class Schema:
 
     @staticmethod
     def load(folder: Path) -> "Schema":
+        """Read `folder/schema.toml`.
+
+        Raises:
+            MissingInputError: there is no schema.toml.
+            InputError: it is not valid TOML, a key or value is wrong, its parts disagree, or its embedding tables
+                would not fit in this machine's memory.
+        """
         path = Path(folder) / SCHEMA_FILE
-        return from_mapping(Schema, read_toml(path), str(path))
+        schema = from_mapping(Schema, read_toml(path), str(path))
+        check_table_memory(((t.name, t.num_embeddings, t.embedding_dim) for t in schema.tables), path)
+        return schema
+
+
+def machine_memory() -> int:
+    """Physical memory of this machine in bytes."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_table_memory(tables: Iterable[tuple[str, int, int]], source: Path | str) -> None:
+    """Refuse embedding tables (name, rows, dim) whose float32 weights would not fit in this machine's memory.
+
+    Raises:
+        InputError: naming `source`, the largest table and the sizes in GiB.
+    """
+    sizes = {name: (rows, dim, rows * dim * 4) for name, rows, dim in tables}
+    total, memory = sum(size for *_, size in sizes.values()), machine_memory()
+    if total > memory:
+        name = max(sizes, key=lambda n: sizes[n][2])
+        rows, dim, size = sizes[name]
+        raise InputError(
+            f"{source}: the embedding tables need {total / GIB:,.1f} GiB of float32 weights (table {name!r}: "
+            f"{rows:,} rows x {dim} = {size / GIB:,.1f} GiB), more than this machine's memory ({memory / GIB:,.1f} GiB)"
+        )
+
+
+def read_table(path: Path) -> pl.DataFrame:
+    """A parquet table of a prepared dataset (vocabulary, texts, vectors), read whole.
+
+    Raises:
+        InputError: it is missing (MissingInputError) or cannot be read, naming the file.
+    """
+    with reading(path):
+        return pl.read_parquet(path)
 
 
 def check_dataset(folder: Path, schema: Schema, splits: tuple[str, ...] = SPLITS) -> None:
     """Refuse a prepared dataset whose shards do not match its schema.
 
-    Checks every shard of `splits`: present, not empty, every schema column present with its dtype, ids within
-    their table, text rows within their text table, labels within their domain; and every text table's size.
+    Checks every shard of `splits`: present, readable, not empty, every schema column present with its dtype, ids
+    within their table, text rows within their text table, dense values finite (and >= 0 under log1p), labels finite
+    and within their domain; and every text table's size.
 
     Raises:
-        FileNotFoundError: a shard or text table named by the schema is missing.
-        ValueError: the first problem found, naming the file, the column and what was expected.
+        MissingInputError: a shard or text table named by the schema is missing.
+        InputError: the first problem found, naming the file, the column and what was expected.
     """
     folder = Path(folder)
     expected = schema.columns()
@@ -183,21 +264,25 @@ def check_dataset(folder: Path, schema: Schema, splits: tuple[str, ...] = SPLITS
         for name in schema.splits[split].files:
             path = folder / name
             if not path.is_file():
-                raise FileNotFoundError(f"{path}: shard listed in {SCHEMA_FILE} is missing")
-            actual = pl.read_parquet_schema(path)
-            for column, dtype in expected.items():
-                if column not in actual:
-                    raise ValueError(f"{path}: column {column!r} is missing (schema.toml expects {dtype or 'a key'})")
-                if dtype is not None and actual[column] != dtype:
-                    raise ValueError(f"{path}: column {column!r} has dtype {actual[column]}, expected {dtype}")
-            _check_values(path, schema, limits)
+                raise MissingInputError(f"{path}: shard listed in {SCHEMA_FILE} is missing")
+            with reading(path):
+                actual = pl.read_parquet_schema(path)
+                for column, dtype in expected.items():
+                    if column not in actual:
+                        raise InputError(
+                            f"{path}: column {column!r} is missing ({SCHEMA_FILE} expects {dtype or 'a key'})"
+                        )
+                    if dtype is not None and actual[column] != dtype:
+                        raise InputError(f"{path}: column {column!r} has dtype {actual[column]}, expected {dtype}")
+                _check_values(path, schema, limits)
     for text in schema.texts:
         path = folder / "text" / f"{text.name}.parquet"
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: text table listed in {SCHEMA_FILE} is missing")
-        num_rows = pl.scan_parquet(path).select(pl.len()).collect().item()
+            raise MissingInputError(f"{path}: text table listed in {SCHEMA_FILE} is missing")
+        with reading(path):
+            num_rows = pl.scan_parquet(path).select(pl.len()).collect().item()
         if num_rows != text.num_texts - 1:
-            raise ValueError(f"{path}: has {num_rows} texts, {SCHEMA_FILE} says {text.num_texts - 1}")
+            raise InputError(f"{path}: has {num_rows} texts, {SCHEMA_FILE} says {text.num_texts - 1}")
 
 
 def _check_values(path: Path, schema: Schema, limits: dict[str, int]) -> None:
@@ -206,20 +291,42 @@ def _check_values(path: Path, schema: Schema, limits: dict[str, int]) -> None:
     for column in limits:
         values = pl.col(column).explode() if column in {f.name for f in schema.features} else pl.col(column)
         aggs += [values.min().alias(f"{column}/min"), values.max().alias(f"{column}/max")]
+    for f in schema.dense_features:
+        aggs.append(pl.col(f.name).is_finite().not_().sum().alias(f"{f.name}/non_finite"))
+        if f.transform == "log1p":
+            aggs.append((pl.col(f.name) < 0).sum().alias(f"{f.name}/negative"))
     for label in schema.labels:
         values = pl.col(label.column).drop_nulls()
-        aggs += [values.min().alias(f"{label.column}/min"), values.max().alias(f"{label.column}/max")]
+        finite = values.filter(values.is_finite())
+        aggs += [finite.min().alias(f"{label.column}/min"), finite.max().alias(f"{label.column}/max")]
+        aggs.append(values.is_finite().not_().sum().alias(f"{label.column}/non_finite"))
         if label.kind != "regression":
-            aggs.append((values != values.floor()).sum().alias(f"{label.column}/fractional"))
+            aggs.append((finite != finite.floor()).sum().alias(f"{label.column}/fractional"))
     stats = lf.select(aggs).collect().row(0, named=True)
     if stats["__rows"] == 0:
-        raise ValueError(f"{path}: shard is empty")
+        raise InputError(f"{path}: shard is empty")
     for column, limit in limits.items():
         low, high = stats[f"{column}/min"], stats[f"{column}/max"]
         if low is not None and (low < 0 or high >= limit):
             bad = high if high >= limit else low
-            raise ValueError(f"{path}: column {column!r} has id {bad}, expected 0 <= id < {limit} (its table size)")
+            raise InputError(f"{path}: column {column!r} has id {bad}, expected 0 <= id < {limit} (its table size)")
+    for f in schema.dense_features:
+        if stats[f"{f.name}/non_finite"]:
+            raise InputError(
+                f"{path}: dense column {f.name!r} has {stats[f'{f.name}/non_finite']} non-finite values (inf or NaN); "
+                "expected finite numbers, or null for a missing value"
+            )
+        if stats.get(f"{f.name}/negative"):
+            raise InputError(
+                f"{path}: dense column {f.name!r} has {stats[f'{f.name}/negative']} negative values; "
+                "its transform log1p needs values >= 0"
+            )
     for label in schema.labels:
+        if stats[f"{label.column}/non_finite"]:
+            raise InputError(
+                f"{path}: label {label.column!r} has {stats[f'{label.column}/non_finite']} non-finite values "
+                f"(NaN or inf); expected {label.domain()}, or null for an absent label"
+            )
         low, high = stats[f"{label.column}/min"], stats[f"{label.column}/max"]
         if low is None:
             continue
@@ -228,4 +335,4 @@ def _check_values(path: Path, schema: Schema, limits: dict[str, int]) -> None:
         if bad is None and stats.get(f"{label.column}/fractional"):
             bad = "a fractional value"
         if bad is not None:
-            raise ValueError(f"{path}: label {label.column!r} has {bad}, expected {label.domain()}")
+            raise InputError(f"{path}: label {label.column!r} has {bad}, expected {label.domain()}")

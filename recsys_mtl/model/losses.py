@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from recsys_mtl.config import Config
 from recsys_mtl.data.schema import Schema
+from recsys_mtl.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -40,12 +41,12 @@ def task_specs(cfg: Config, schema: Schema) -> tuple[TaskSpec, ...]:
     specs = []
     for task in cfg.tasks:
         if task.name not in labels:
-            raise ValueError(f"task {task.name!r} has no label in dataset {schema.name!r} (tasks: {sorted(labels)})")
+            raise InputError(f"task {task.name!r} has no label in dataset {schema.name!r} (tasks: {sorted(labels)})")
         label = labels[task.name]
         if task.after is not None and (task.after not in labels or labels[task.after].kind != "binary"):
-            raise ValueError(f"task {task.name!r}: after = {task.after!r} must name a binary label of the dataset")
+            raise InputError(f"task {task.name!r}: after = {task.after!r} must name a binary label of the dataset")
         if task.after is not None and label.kind != "binary":
-            raise ValueError(f"task {task.name!r}: after = {task.after!r} needs a binary task")
+            raise InputError(f"task {task.name!r}: after = {task.after!r} needs a binary task")
         loss = {"binary": "bce", "count": "poisson"}.get(label.kind, "mse" if task.loss == "auto" else task.loss)
         specs.append(
             TaskSpec(
