@@ -200,9 +200,8 @@ def load_trained(run_dir: Path, device: torch.device) -> tuple[Trainer, Dataset]
     """The run's trainer with its best checkpoint (else its last) loaded, and its dataset.
 
     Raises:
-        MissingInputError: no config.toml in `run_dir`.
-        FileNotFoundError: no checkpoint in `run_dir` (checkpoint.trained_checkpoint / read_progress).
-        ValueError: the checkpoint does not match the config or the dataset (checkpoint.read_progress).
+        MissingInputError: no config.toml or checkpoint in `run_dir`.
+        InputError: the checkpoint does not match the config or the dataset, or is refused as unsafe or corrupt.
     """
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.toml")

@@ -26,12 +26,11 @@ import polars as pl
 import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch.ao.quantization import PlaceholderObserver, QConfig
 from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
 from tqdm import tqdm
 
-from recsys_mtl.checkpoint import PROGRESS_FILE, SafeReader, fingerprint, read_progress, trained_checkpoint
+from recsys_mtl.checkpoint import PROGRESS_FILE, fingerprint, load_checkpoint, read_progress, trained_checkpoint
 from recsys_mtl.config import Config, load_config
 from recsys_mtl.data.loader import BatchBuilder
 from recsys_mtl.data.schema import KEY_PREFIX, SCHEMA_FILE, SPLITS, Schema, check_dataset
@@ -85,24 +84,33 @@ class ScoreSummary:
         return self.rows / self.seconds if self.seconds else 0.0
 
 
-def load_scoring_model(
-    run_dir: Path, device: torch.device, int8: bool = False
-) -> tuple[Config, Schema, MultiTaskRanker, tuple[TaskSpec, ...]]:
-    """The run's config, dataset schema, and model (best checkpoint, else last) in eval mode, whole on this process.
+@dataclass(frozen=True)
+class ScoringModel:
+    """A trained run ready to score: its config, dataset schema, tasks, the checkpoint loaded, and the model."""
+
+    cfg: Config
+    schema: Schema
+    specs: tuple[TaskSpec, ...]
+    checkpoint: Path
+    model: MultiTaskRanker
+
+
+def load_scoring_model(run_dir: Path, device: torch.device, int8: bool = False) -> ScoringModel:
+    """The run's model (best checkpoint, else last) in eval mode, whole on this process.
 
     The checkpoint is read without collectives, so it loads whatever number of ranks saved it. With `int8`, every
     embedding table (text tables too) becomes a torchrec quantized table (int8 rows, row-wise scale and bias).
 
     Raises:
-        FileNotFoundError: no config.toml or checkpoint in `run_dir`.
-        ValueError: the checkpoint does not match the config or the dataset.
+        MissingInputError: no config.toml or checkpoint in `run_dir`.
+        InputError: the checkpoint does not match the config or the dataset, or is refused as unsafe or corrupt.
     """
     cfg = load_config(Path(run_dir) / "config.toml")
     schema = Schema.load(Path(cfg.dataset))
     checkpoint = trained_checkpoint(run_dir)
     read_progress(checkpoint, fingerprint(cfg, schema))
     model, _ = build_ranker(cfg, Path(cfg.dataset), schema, device)  # its text tables come from the checkpoint
-    dcp.load({"model": model.state_dict()}, storage_reader=SafeReader(checkpoint), no_dist=True)
+    load_checkpoint(checkpoint, {"model": model.state_dict()}, no_dist=True)
     if int8:
         qconfig = QConfig(activation=PlaceholderObserver, weight=PlaceholderObserver.with_args(dtype=torch.qint8))
         for name in ("ebc", "text_ebc"):
@@ -110,7 +118,7 @@ def load_scoring_model(
             if tables is not None:
                 tables.qconfig = qconfig
                 setattr(model, name, QuantEmbeddingBagCollection.from_float(tables))
-    return cfg, schema, model.to(device).eval(), task_specs(cfg, schema)
+    return ScoringModel(cfg, schema, task_specs(cfg, schema), checkpoint, model.to(device).eval())
 
 
 def input_files(inp: Path, split: str, raw: bool) -> list[Path]:
@@ -193,10 +201,10 @@ def score(
     if split not in SPLITS:
         raise InputError(f"--split must be one of {SPLITS}, got {split!r}")
     inp, out = Path(inp), Path(out)
-    cfg, schema, model, specs = load_scoring_model(run_dir, device, int8)
+    scoring = load_scoring_model(run_dir, device, int8)
     if encoder is None:
-        _check_prepared_input(inp, schema, split)
-    checkpoint = trained_checkpoint(run_dir)
+        _check_prepared_input(inp, scoring.schema, split)
+    checkpoint = scoring.checkpoint
     files = input_files(inp, split, raw=encoder is not None)
     check_output(out, *([inp] if inp.exists() else files))
     shards = plan_shards(files, rows_per_shard)
@@ -211,9 +219,7 @@ def score(
     }
     with _claimed(out, manifest, overwrite):
         digest = _digest(manifest)
-        summary = _score_shards(
-            model, cfg, schema, specs, shards, out, digest, encoder, missing_text, batch_size, progress
-        )
+        summary = _score_shards(scoring, shards, out, digest, encoder, missing_text, batch_size, progress)
     summary.seconds = time.perf_counter() - start
     summary.peak_memory_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     summary = _merge(summary, world_size)
@@ -225,10 +231,7 @@ def score(
 
 
 def _score_shards(
-    model: MultiTaskRanker,
-    cfg: Config,
-    schema: Schema,
-    specs: tuple[TaskSpec, ...],
+    scoring: ScoringModel,
     shards: list[ScoreShard],
     out: Path,
     digest: str,
@@ -239,6 +242,7 @@ def _score_shards(
 ) -> ScoreSummary:
     """Score this rank's unfinished shards into `out`, each stamped with `digest`; the summary of this rank."""
     rank, world_size = world()
+    cfg, schema, model = scoring.cfg, scoring.schema, scoring.model
     device = next(model.parameters()).device
     mine = [s for s in shards if s.index % world_size == rank]
     todo = [s for s in mine if not _finished(out / s.name, s.num_rows, digest)]
@@ -261,7 +265,7 @@ def _score_shards(
                 _add_counts(summary.non_finite, build.non_finite(frame))
                 for offset in range(0, frame.height, batch_size):
                     batch = build(frame.slice(offset, batch_size)).to(device)
-                    values = predict(model(batch).logits, specs)
+                    values = predict(model(batch).logits, scoring.specs)
                     parts.append(batch.keys.with_columns(_columns(values)))
                     bar.update(len(batch))
             _write_shard(out / shard.name, pl.concat(parts), shard, digest)
