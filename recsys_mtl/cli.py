@@ -75,6 +75,7 @@ def _train(args: argparse.Namespace) -> None:
     from recsys_mtl.config import load_config
     from recsys_mtl.distributed import destroy_process_group
     from recsys_mtl.errors import InputError
+    from recsys_mtl.metrics import format_metric
     from recsys_mtl.train import train
 
     cfg = load_config(args.config, args.set)
@@ -90,7 +91,9 @@ def _train(args: argparse.Namespace) -> None:
         destroy_process_group(failed)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
         return
-    best = ", ".join(f"{k} {v:.4f}" for k, v in result.best.items() if not k.startswith(("oracle/", "ratio/")))
+    best = ", ".join(
+        f"{k} {format_metric(v)}" for k, v in result.best.items() if not k.startswith(("oracle/", "ratio/"))
+    )
     print(f"trained {result.steps} steps into {run_dir}" + (" (stopped early)" if result.stopped_early else ""))
     print(f"best validation: {best}")
 
@@ -99,6 +102,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 
     from recsys_mtl.distributed import destroy_process_group
     from recsys_mtl.evaluate import evaluate_run
+    from recsys_mtl.metrics import format_metric
 
     failed = True
     try:
@@ -110,8 +114,8 @@ def _evaluate(args: argparse.Namespace) -> None:
     for name, value in metrics.items():
         if not name.startswith(("oracle/", "ratio/")):
             oracle, ratio = metrics.get(f"oracle/{name}"), metrics.get(f"ratio/{name}")
-            extra = f"{oracle:>10.4f}{ratio:>8.3f}" if oracle is not None and ratio is not None else ""
-            print(f"{name:<28}{value:>10.4f}{extra}")
+            extra = f"{format_metric(oracle):>10}{format_metric(ratio, 3):>8}" if oracle is not None else ""
+            print(f"{name:<28}{format_metric(value):>10}{extra}")
     print(f"wrote {args.run_dir / f'metrics_{args.split}.json'} and {args.run_dir / f'report_{args.split}.md'}")
 
 

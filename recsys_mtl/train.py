@@ -35,7 +35,7 @@ from recsys_mtl.distributed import average_norm_statistics, init_process_group, 
 from recsys_mtl.errors import InputError, MissingInputError, OutputExistsError
 from recsys_mtl.evaluate import split_metrics
 from recsys_mtl.files import atomic_write_text, locked
-from recsys_mtl.metrics import better
+from recsys_mtl.metrics import better, format_metric
 from recsys_mtl.model.losses import TaskSpec
 from recsys_mtl.trainer import Trainer, build_trainer, train_step, training_state
 
@@ -384,7 +384,13 @@ def _validate(run: _Run) -> bool:
     else:
         position.stale += 1
     if world()[0] == 0:
-        log.info("step %d: valid %s = %.5f (best %s)", position.step, run.metric, value, position.best)
+        log.info(
+            "step %d: valid %s = %s (best %s)",
+            position.step,
+            run.metric,
+            format_metric(value, 5),
+            format_metric(position.best, 5),
+        )
     return position.stale >= run.cfg.train.patience
 
 
