@@ -11,8 +11,8 @@ from pathlib import Path
 import polars as pl
 import tomli_w
 
-from data_prep.description import Description, FeatureDesc, LabelDesc, TextDesc
-from data_prep.encode import (
+from recsys_mtl.data.description import Description, FeatureDesc, LabelDesc, TextDesc
+from recsys_mtl.data.encode import (
     DESCRIPTION_FILE,
     Encoder,
     check_dtypes,

@@ -21,6 +21,7 @@ KNOWN_WARNINGS = (
 )
 
 
+# synth and prepare run data_prep (which builds on this package): the only commands that import it
 def _synth(args: argparse.Namespace) -> None:
     from data_prep.synth import WorldConfig, generate_world
 
@@ -73,7 +74,7 @@ def _train(args: argparse.Namespace) -> None:
     import dataclasses
 
     from recsys_mtl.config import load_config
-    from recsys_mtl.distributed import destroy_process_group
+    from recsys_mtl.distributed import process_group
     from recsys_mtl.errors import InputError
     from recsys_mtl.metrics import format_metric
     from recsys_mtl.train import train
@@ -83,12 +84,9 @@ def _train(args: argparse.Namespace) -> None:
     if run_dir is None:
         raise InputError("give --out RUN_DIR or run_dir in the config")
     cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
-    failed = True
-    try:
-        result = train(cfg, run_dir, _device(args.device), resume=args.resume, progress=not args.quiet)
-        failed = False
-    finally:
-        destroy_process_group(failed)
+    device = _device(args.device)
+    with process_group(device):
+        result = train(cfg, run_dir, device, resume=args.resume, progress=not args.quiet)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
         return
     best = ", ".join(
@@ -99,17 +97,13 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-
-    from recsys_mtl.distributed import destroy_process_group
+    from recsys_mtl.distributed import process_group
     from recsys_mtl.evaluate import evaluate_run
     from recsys_mtl.metrics import format_metric
 
-    failed = True
-    try:
-        metrics = evaluate_run(args.run_dir, args.split, _device(args.device), tuple(args.baselines))
-        failed = False
-    finally:
-        destroy_process_group(failed)
+    device = _device(args.device)
+    with process_group(device):
+        metrics = evaluate_run(args.run_dir, args.split, device, tuple(args.baselines))
     print(f"{'metric':<28}{'model':>10}{'oracle':>10}{'ratio':>8}")
     for name, value in metrics.items():
         if not name.startswith(("oracle/", "ratio/")):
@@ -120,26 +114,18 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _score(args: argparse.Namespace) -> None:
-    from recsys_mtl.config import load_config
-    from recsys_mtl.distributed import destroy_process_group, init_process_group
+    from recsys_mtl.distributed import process_group
     from recsys_mtl.score import score
 
-    encoder = None
-    if not (args.input / "schema.toml").is_file():  # raw rows: encode them with the run's vocabularies
-        from data_prep.encode import RawEncoder
-
-        encoder = RawEncoder(load_config(args.run_dir / "config.toml").dataset, args.side_dir)
     device = _device(args.device)
-    init_process_group(device)
-    failed = True
-    try:
+    with process_group(device):
         summary = score(
             args.run_dir,
             args.input,
             args.out,
             device,
             split=args.split,
-            encoder=encoder,
+            side_dir=args.side_dir,
             int8=args.int8,
             batch_size=args.batch_size,
             rows_per_shard=args.rows_per_shard,
@@ -147,9 +133,6 @@ def _score(args: argparse.Namespace) -> None:
             overwrite=args.overwrite,
             progress=not args.quiet,
         )
-        failed = False
-    finally:
-        destroy_process_group(failed)
     if int(os.environ.get("RANK", "0")) != 0:
         return
     print(

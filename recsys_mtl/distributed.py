@@ -6,6 +6,8 @@ KeyedOptimizerWrapper.
 """
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +60,19 @@ def destroy_process_group(failed: bool = False) -> None:
         dist.destroy_process_group()
 
 
+@contextmanager
+def process_group(device: torch.device) -> Iterator[dist.ProcessGroup]:
+    """The default process group (see `init_process_group`) for the block, left when it ends (see
+    `destroy_process_group`: with a barrier, unless the block raised)."""
+    group = init_process_group(device)
+    failed = True
+    try:
+        yield group
+        failed = False
+    finally:
+        destroy_process_group(failed)
+
+
 @torch.no_grad()
 def average_norm_statistics(module: nn.Module) -> None:
     """Average the batch-norm running statistics over the ranks (each rank normalises its own batches), so that every
@@ -88,9 +103,7 @@ def _constraints(model: MultiTaskRanker, cfg: Config) -> dict[str, ParameterCons
     Raises:
         KeyError: `cfg.sharding` or `cfg.uvm_caching` names a table the model does not have.
     """
-    names = [c.name for c in model.ebc.embedding_bag_configs()]
-    if model.text_ebc is not None:
-        names += [c.name for c in model.text_ebc.embedding_bag_configs()]
+    names = model.table_names()
     for option, tables in (("sharding", cfg.sharding), ("uvm_caching", cfg.uvm_caching)):
         unknown = sorted(set(tables) - set(names))
         if unknown:
@@ -107,8 +120,8 @@ def _constraints(model: MultiTaskRanker, cfg: Config) -> dict[str, ParameterCons
 def shard_model(model: MultiTaskRanker, cfg: Config, device: torch.device) -> ShardedRanker:
     """Plan, shard and wrap `model` (built on the meta device) with its optimizers.
 
-    Frozen parts get no optimizer: `train.freeze`, the text tables (their output is detached, so the fused kernel
-    never sees a gradient for them) and BERT outside its fine-tuned layers.
+    Frozen parts get no optimizer: `train.freeze` (`MultiTaskRanker.freeze`), the text tables
+    (`MultiTaskRanker.is_frozen_table`) and BERT outside its fine-tuned layers.
     """
     if cfg.uvm_caching and device.type != "cuda":
         raise InputError(
@@ -116,7 +129,7 @@ def shard_model(model: MultiTaskRanker, cfg: Config, device: torch.device) -> Sh
         )
     pg = init_process_group(device)
     apply_optimizer_in_backward(RowWiseAdagrad, model.ebc.parameters(), {"lr": cfg.optim.embedding_lr})
-    _freeze(model, cfg)
+    model.freeze(cfg.train.freeze)
     topology = Topology(world_size=dist.get_world_size(pg), compute_device=device.type)
     planner = EmbeddingShardingPlanner(topology=topology, constraints=_constraints(model, cfg))
     plan = planner.collective_plan(model, get_default_sharders(), pg)
@@ -132,7 +145,7 @@ def shard_model(model: MultiTaskRanker, cfg: Config, device: torch.device) -> Sh
     dense = {
         name: param
         for name, param in in_backward_optimizer_filter(sharded.named_parameters())
-        if param.requires_grad and "text_ebc." not in name  # frozen text tables: their output is detached
+        if param.requires_grad and not MultiTaskRanker.is_frozen_table(name)
     }
     optimizer_cls = torch.optim.AdamW if cfg.optim.dense == "adamw" else torch.optim.Adam
     optimizer = KeyedOptimizerWrapper(
@@ -140,15 +153,3 @@ def shard_model(model: MultiTaskRanker, cfg: Config, device: torch.device) -> Sh
         lambda params: optimizer_cls(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, fused=True),
     )
     return ShardedRanker(model=sharded, dense_optimizer=optimizer, plan=plan)
-
-
-def _freeze(model: MultiTaskRanker, cfg: Config) -> None:
-    parts: dict[str, list[nn.Module]] = {
-        "shared": [model.mixture],
-        "text_projection": [model.text_projections],
-        "bert": [model.text_finetuner] if model.text_finetuner is not None else [],
-    }
-    for part in cfg.train.freeze:
-        for module in parts[part]:
-            for param in module.parameters():
-                param.requires_grad_(False)

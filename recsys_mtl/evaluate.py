@@ -21,9 +21,9 @@ from recsys_mtl.distributed import average_norm_statistics, world
 from recsys_mtl.errors import InputError, MissingInputError, reading
 from recsys_mtl.files import atomic_write_text
 from recsys_mtl.metrics import auc, task_metrics
-from recsys_mtl.model.losses import TaskSpec, predict
 from recsys_mtl.model.ranker import RankerOutput
 from recsys_mtl.report import write_report
+from recsys_mtl.tasks import TaskSpec, add_joint, predict
 from recsys_mtl.trainer import Trainer, build_trainer, forward
 
 log = logging.getLogger(__name__)
@@ -115,10 +115,7 @@ def oracle_predictions(dataset: Dataset, keys: pl.DataFrame, specs: tuple[TaskSp
     values = {
         s.name: torch.from_numpy(joined[oracle.columns[s.name]].fill_null(np.nan).to_numpy().copy()) for s in specs
     }
-    for spec in specs:
-        if spec.after in values:
-            values[f"{spec.name}_joint"] = values[spec.after] * values[spec.name]
-    return values
+    return add_joint(values, specs)
 
 
 def split_metrics(trainer: Trainer, dataset: Dataset, split: str) -> tuple[dict[str, float], SplitPredictions | None]:
@@ -178,7 +175,7 @@ def cold_metrics(preds: SplitPredictions, specs: tuple[TaskSpec, ...]) -> dict[s
     for spec in specs:
         rows = preds.cold & preds.masks[spec.name]
         labels = preds.labels[spec.name][rows]
-        if spec.kind == "binary" and spec.after is None and 0 < labels.sum() < len(labels):
+        if spec.task_kind == "binary" and 0 < labels.sum() < len(labels):
             out[f"{spec.name}/auc_cold"] = auc(labels, preds.values[spec.name][rows])
     return out
 
@@ -224,7 +221,7 @@ def evaluate_run(run_dir: Path, split: str, device: torch.device, baselines: tup
     metrics, preds = split_metrics(trainer, dataset, split)
     if preds is None:  # not rank 0: rank 0 writes the files
         return metrics
-    binary = [s.name for s in trainer.specs if s.kind == "binary" and s.after is None]
+    binary = [s.name for s in trainer.specs if s.task_kind == "binary"]
     details = {
         "num_rows": len(preds.keys),
         "arch": trainer.cfg.model.arch,

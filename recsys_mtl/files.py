@@ -43,12 +43,24 @@ def atomic_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
         tmp.rename(out)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file and a rename."""
+@contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling path to write; it replaces `path` in one rename if the block finishes, and is
+    removed if it fails. A kill leaves a `.NAME.tmp-PID` file behind, never a partial `path`."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     tmp.replace(path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file and a rename."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
 
 
 def check_output(out: Path, *inputs: Path) -> None:

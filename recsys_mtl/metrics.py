@@ -1,23 +1,23 @@
-"""Exact metrics per task, keyed `<task>/<metric>`.
+"""Exact metrics per task, keyed `<task>/<metric>`; which ones a task has is its kind's (tasks.TASK_KINDS).
 
 binary: auc, gauc (by user, impression-weighted over users with both classes), logloss, calibration (mean prediction /
 mean label). A task `after` another (cvr): auc_clicked (pCVR on rows where the other task's label is 1) and
-ctcvr_auc (pCTR * pCVR on every row). regression: rmse, mae. count: poisson_deviance, rmse_log1p.
+ctcvr_auc, ctcvr_logloss (pCTR * pCVR on every row). regression: rmse, mae. count: poisson_deviance, rmse_log1p.
 
 A metric that is undefined on the data (an AUC whose labels are all 0 or all 1, any metric without labelled rows) is
-NaN, never an exception; `format_metric` shows it as "—".
+NaN, never an exception; `format_metric` shows it as "—". Which way each one improves: tasks.better.
 """
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
 import torch
 from torch import Tensor
 
-from recsys_mtl.model.losses import TaskSpec
-
-HIGHER_IS_BETTER = ("auc", "gauc", "auc_clicked", "ctcvr_auc")
+from recsys_mtl.tasks import JOINT_SUFFIX, TASK_KINDS, TaskSpec, after_rows
 
 
 def auc(labels: Tensor, scores: Tensor) -> float:
@@ -75,6 +75,80 @@ def poisson_deviance(counts: Tensor, rates: Tensor) -> float:
     return float((2 * (term - (y - mu))).mean())
 
 
+@dataclass(frozen=True)
+class _Evaluation:
+    """One evaluation set. predictions: as from tasks.predict; labels, masks: task -> [N]; users: [N] or None."""
+
+    predictions: dict[str, Tensor]
+    labels: dict[str, Tensor]
+    masks: dict[str, Tensor]
+    users: np.ndarray | None
+
+    def labelled(self, spec: TaskSpec, prediction: str | None = None) -> tuple[Tensor, Tensor]:
+        """(labels, predictions) on the task's labelled rows, each [n]; `prediction` names other predictions."""
+        mask = self.masks[spec.name]
+        return self.labels[spec.name][mask], self.predictions[prediction or spec.name][mask]
+
+
+def calibration(labels: Tensor, probs: Tensor) -> float:
+    """Mean prediction / mean label; NaN without a positive label."""
+    return float(probs.double().mean() / labels.double().mean()) if labels.sum() > 0 else math.nan
+
+
+def rmse(labels: Tensor, predictions: Tensor) -> float:
+    return float((predictions.double() - labels.double()).pow(2).mean().sqrt())
+
+
+def mae(labels: Tensor, predictions: Tensor) -> float:
+    return float((predictions.double() - labels.double()).abs().mean())
+
+
+def rmse_log1p(counts: Tensor, rates: Tensor) -> float:
+    return float((rates.double().log1p() - counts.double().log1p()).pow(2).mean().sqrt())
+
+
+def _gauc(spec: TaskSpec, data: _Evaluation) -> float | None:
+    if data.users is None:
+        return None
+    return gauc(*data.labelled(spec), data.users[data.masks[spec.name].numpy()])
+
+
+def _auc_clicked(spec: TaskSpec, data: _Evaluation) -> float:
+    rows = after_rows(spec, data.labels, data.masks)
+    return auc(data.labels[spec.name][rows], data.predictions[spec.name][rows])
+
+
+def _on_joint(metric: Callable[[Tensor, Tensor], float]) -> Callable[[TaskSpec, _Evaluation], float | None]:
+    """`metric` of the joint probability on the task's labelled rows; None when the task it follows is not trained."""
+
+    def joint_metric(spec: TaskSpec, data: _Evaluation) -> float | None:
+        joint = spec.name + JOINT_SUFFIX
+        return metric(*data.labelled(spec, joint)) if joint in data.predictions else None
+
+    return joint_metric
+
+
+def _on_labelled(metric: Callable[[Tensor, Tensor], float]) -> Callable[[TaskSpec, _Evaluation], float]:
+    """`metric` of the task's own predictions on its labelled rows."""
+    return lambda spec, data: metric(*data.labelled(spec))
+
+
+# metric name -> its value for one task, or None where the data lacks what it needs (users, the joint probability)
+METRICS: dict[str, Callable[[TaskSpec, _Evaluation], float | None]] = {
+    "auc": _on_labelled(auc),
+    "gauc": _gauc,
+    "logloss": _on_labelled(logloss),
+    "calibration": _on_labelled(calibration),
+    "auc_clicked": _auc_clicked,
+    "ctcvr_auc": _on_joint(auc),
+    "ctcvr_logloss": _on_joint(logloss),
+    "rmse": _on_labelled(rmse),
+    "mae": _on_labelled(mae),
+    "poisson_deviance": _on_labelled(poisson_deviance),
+    "rmse_log1p": _on_labelled(rmse_log1p),
+}
+
+
 def task_metrics(
     predictions: dict[str, Tensor],
     labels: dict[str, Tensor],
@@ -82,47 +156,23 @@ def task_metrics(
     specs: tuple[TaskSpec, ...],
     users: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """Every metric of every task on one evaluation set.
+    """Every metric of every task on one evaluation set: those of its kind (tasks.TASK_KINDS), in that order.
 
     Args:
-        predictions: output of losses.predict (probabilities, ratings, counts; `<task>_joint` for `after` tasks), [N].
+        predictions: output of tasks.predict (probabilities, ratings, counts; `<task>_joint` for `after` tasks), [N].
         labels, masks: task -> [N]; a false mask is an absent label.
         users: [N] user ids for gAUC, or None.
     """
+    data = _Evaluation(predictions, labels, masks, users)
     out: dict[str, float] = {}
     for spec in specs:
-        mask = masks[spec.name]
-        y, p = labels[spec.name][mask], predictions[spec.name][mask]
-        name = spec.name
-        if spec.after is not None:
-            clicked = mask & masks[spec.after] & (labels[spec.after] == 1)
-            out[f"{name}/auc_clicked"] = auc(labels[name][clicked], predictions[name][clicked])
-            if f"{name}_joint" in predictions:  # the task it follows is trained too
-                out[f"{name}/ctcvr_auc"] = auc(y, predictions[f"{name}_joint"][mask])
-                out[f"{name}/ctcvr_logloss"] = logloss(y, predictions[f"{name}_joint"][mask])
-        elif spec.kind == "binary":
-            out[f"{name}/auc"] = auc(y, p)
-            if users is not None:
-                out[f"{name}/gauc"] = gauc(y, p, users[mask.numpy()])
-            out[f"{name}/logloss"] = logloss(y, p)
-            out[f"{name}/calibration"] = float(p.double().mean() / y.double().mean()) if y.sum() > 0 else math.nan
-        elif spec.kind == "regression":
-            error = p.double() - y.double()
-            out[f"{name}/rmse"] = float(error.pow(2).mean().sqrt())
-            out[f"{name}/mae"] = float(error.abs().mean())
-        else:
-            out[f"{name}/poisson_deviance"] = poisson_deviance(y, p)
-            out[f"{name}/rmse_log1p"] = float((p.double().log1p() - y.double().log1p()).pow(2).mean().sqrt())
+        for metric in TASK_KINDS[spec.task_kind].metrics:
+            value = METRICS[metric](spec, data)
+            if value is not None:
+                out[f"{spec.name}/{metric}"] = value
     return out
 
 
 def format_metric(value: float | None, digits: int = 4) -> str:
     """A metric for people: `digits` decimals, or "—" when it is undefined (None or NaN)."""
     return "—" if value is None or math.isnan(value) else f"{value:.{digits}f}"
-
-
-def better(metric: str, value: float, best: float | None) -> bool:
-    """Whether `value` improves on `best` for `metric` (AUCs up, losses and errors down)."""
-    if best is None or math.isnan(best):
-        return not math.isnan(value)
-    return value > best if metric.split("/")[-1] in HIGHER_IS_BETTER else value < best

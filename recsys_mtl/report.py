@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt
 
 from recsys_mtl.files import atomic_write_text
 from recsys_mtl.metrics import format_metric
+from recsys_mtl.tasks import is_headline
 
 
 def metrics_table(metrics: dict[str, float], baselines: dict[str, dict[str, float]]) -> str:
@@ -41,8 +42,7 @@ def _learning_curves(run_dir: Path, path: Path) -> bool:
     for key in sorted({k for r in train for k in r if k.endswith("/loss")}):
         left.plot([r["step"] for r in train], [r[key] for r in train], label=key)
     left.set(title="training loss per task (running mean)", xlabel="step", yscale="log")
-    headline = ("/auc", "/ctcvr_auc", "/rmse", "/poisson_deviance")
-    for key in sorted({k for r in valid for k in r if k.endswith(headline) and "/" in k and k.count("/") == 1}):
+    for key in sorted({k for r in valid for k in r if is_headline(k)}):
         right.plot([r["step"] for r in valid], [r[key] for r in valid], marker="o", label=key)
     right.set(title="validation", xlabel="step")
     for ax in (left, right):

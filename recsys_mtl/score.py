@@ -12,10 +12,9 @@ memory stays bounded by one row group and one shard's predictions.
 import hashlib
 import json
 import logging
-import os
 import resource
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from fnmatch import fnmatch
@@ -32,13 +31,14 @@ from tqdm import tqdm
 
 from recsys_mtl.checkpoint import PROGRESS_FILE, fingerprint, load_checkpoint, read_progress, trained_checkpoint
 from recsys_mtl.config import Config, load_config
+from recsys_mtl.data.encode import RawEncoder
 from recsys_mtl.data.loader import BatchBuilder
 from recsys_mtl.data.schema import KEY_PREFIX, SCHEMA_FILE, SPLITS, Schema, check_dataset
 from recsys_mtl.distributed import world
 from recsys_mtl.errors import InputError, MissingInputError, OutputExistsError, reading
-from recsys_mtl.files import LOCK_FILE, atomic_write_text, check_output, locked
-from recsys_mtl.model.losses import TaskSpec, predict, task_specs
+from recsys_mtl.files import LOCK_FILE, atomic_file, atomic_write_text, check_output, locked
 from recsys_mtl.model.ranker import MultiTaskRanker
+from recsys_mtl.tasks import TaskSpec, predict, task_specs
 from recsys_mtl.trainer import autocast, build_ranker
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,6 @@ MANIFEST_FILE = "scoring.json"
 SUMMARY_FILE = "summary.json"
 OUT_FILES = (MANIFEST_FILE, SUMMARY_FILE, LOCK_FILE, "part-*.parquet", ".part-*.tmp-*")  # all OUT_DIR may hold
 DIGEST_KEY = "recsys_mtl.scoring"  # parquet metadata of a shard: the digest of the manifest it was scored under
-RawEncoder = Callable[[pl.DataFrame, str], pl.DataFrame]  # raw rows, their source -> shard rows (data_prep.encode)
 MissingText = Literal["empty", "error"]
 
 
@@ -165,7 +164,7 @@ def score(
     device: torch.device,
     *,
     split: str = "test",
-    encoder: RawEncoder | None = None,
+    side_dir: Path | None = None,
     int8: bool = False,
     batch_size: int = 8192,
     rows_per_shard: int = 1 << 20,
@@ -177,9 +176,10 @@ def score(
     (and `pred_<task>_joint` for a task after another: pCTCVR for cvr after ctr), one row per input row, in order.
 
     Args:
-        inp: a prepared dataset folder (its `split` is scored; it must have the run's vocabularies), or raw parquet
-            rows when `encoder` is given (a file, a folder, a glob).
-        encoder: raw rows -> shard rows with the run's vocabularies (data_prep.encode.RawEncoder).
+        inp: a prepared dataset folder (one with a schema.toml: its `split` is scored; it must have the run's
+            vocabularies), or else raw parquet rows (a file, a folder, a glob), encoded with the run's vocabularies.
+        side_dir: the side tables to join into raw rows that lack their columns (default: the raw folder the run's
+            dataset was prepared from).
         int8: score with int8-quantized embedding tables.
         missing_text: "empty": rows whose item has no text vector use the empty-text row (zeros, as in training) and
             are counted; "error": refuse them.
@@ -191,8 +191,10 @@ def score(
     Raises:
         OutputExistsError: `out` holds scores of another input, model or option set (and not `overwrite`), files
             that are not scores, or is being written by another process.
+        MissingInputError: no parquet files at a raw `inp`, the dataset's description.toml or vocabularies, or a
+            side table that raw rows need.
         InputError: `out` is, holds or lies inside the input; a prepared input with other vocabularies than the
-            run's; a row without text under "error".
+            run's; raw rows without a column they need, or of the wrong dtype; a row without text under "error".
     """
     start = time.perf_counter()
     rank, world_size = world()
@@ -202,10 +204,12 @@ def score(
         raise InputError(f"--split must be one of {SPLITS}, got {split!r}")
     inp, out = Path(inp), Path(out)
     scoring = load_scoring_model(run_dir, device, int8)
-    if encoder is None:
+    raw = not (inp / SCHEMA_FILE).is_file()  # the one place that tells a prepared dataset from raw rows
+    encoder = RawEncoder(scoring.cfg.dataset, side_dir) if raw else None
+    if not raw:
         _check_prepared_input(inp, scoring.schema, split)
     checkpoint = scoring.checkpoint
-    files = input_files(inp, split, raw=encoder is not None)
+    files = input_files(inp, split, raw)
     check_output(out, *([inp] if inp.exists() else files))
     shards = plan_shards(files, rows_per_shard)
     manifest = {
@@ -213,7 +217,7 @@ def score(
         "checkpoint": str(checkpoint.resolve()),
         "checkpoint_written_ns": (checkpoint / PROGRESS_FILE).stat().st_mtime_ns,  # a retrained run differs
         "input": str(inp.resolve()),
-        "split": split if encoder is None else None,
+        "split": None if raw else split,
         "int8": int8,
         "shards": [asdict(s) for s in shards],
     }
@@ -277,8 +281,6 @@ def _score_shards(
 
 def _check_prepared_input(inp: Path, schema: Schema, split: str) -> None:
     """A prepared input must share the run's encoding: tables, features (with their statistics) and text tables."""
-    if not (inp / SCHEMA_FILE).is_file():
-        raise MissingInputError(f"{inp}: not a prepared dataset (no {SCHEMA_FILE}); raw parquet needs an encoder")
     theirs = Schema.load(inp)
     for part in ("tables", "features", "texts", "labels"):
         if getattr(theirs, part) != getattr(schema, part):
@@ -357,7 +359,7 @@ def _frames(shard: ScoreShard, schema: Schema, encoder: RawEncoder | None) -> It
     for index in shard.row_groups:
         with reading(f"{shard.path} (row group {index})"):
             frame = pl.from_arrow(reader.read_row_group(index, columns=columns))
-        yield encoder(frame, f"{shard.path} (row group {index})") if encoder is not None else frame  # type: ignore[arg-type]
+        yield encoder(frame, f"{shard.path} (row group {index})") if encoder is not None else frame  # type: ignore[arg-type, misc]
 
 
 def _count_fallbacks(
@@ -388,9 +390,8 @@ def _write_shard(path: Path, frame: pl.DataFrame, shard: ScoreShard, digest: str
         raise ValueError(
             f"{shard.path}: scored {frame.height} rows of row groups {shard.row_groups}, expected {shard.num_rows}"
         )
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    frame.write_parquet(tmp, metadata={DIGEST_KEY: digest})
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        frame.write_parquet(tmp, metadata={DIGEST_KEY: digest})
 
 
 def _merge(summary: ScoreSummary, world_size: int) -> ScoreSummary:

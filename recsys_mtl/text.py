@@ -19,6 +19,7 @@ from transformers import AutoModel, AutoTokenizer
 from recsys_mtl.config import TextConfig
 from recsys_mtl.data.schema import Schema, read_table
 from recsys_mtl.errors import InputError, MissingInputError
+from recsys_mtl.files import atomic_file
 
 log = logging.getLogger(__name__)
 PACKAGED_MODEL = "all-MiniLM-L6-v2"
@@ -121,9 +122,8 @@ def encode_dataset(folder: Path, cfg: TextConfig, device: torch.device, progress
                 pl.coalesce("vector", "new").alias("vector")
             )
         result = merged.select("id", "key", "hash", pl.lit(identity).alias("model"), "vector")
-        tmp = path.with_name(f".{path.name}.tmp")
-        result.write_parquet(tmp)
-        tmp.replace(path)
+        with atomic_file(path) as tmp:
+            result.write_parquet(tmp)
         encoded[text.name] = todo.height
     return encoded
 

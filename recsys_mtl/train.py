@@ -35,8 +35,8 @@ from recsys_mtl.distributed import average_norm_statistics, init_process_group, 
 from recsys_mtl.errors import InputError, MissingInputError, OutputExistsError
 from recsys_mtl.evaluate import split_metrics
 from recsys_mtl.files import atomic_write_text, locked
-from recsys_mtl.metrics import better, format_metric
-from recsys_mtl.model.losses import TaskSpec
+from recsys_mtl.metrics import format_metric
+from recsys_mtl.tasks import TaskSpec, better, headline_metric
 from recsys_mtl.trainer import Trainer, build_trainer, train_step, training_state
 
 log = logging.getLogger(__name__)
@@ -73,12 +73,7 @@ class TrainResult:
 
 def main_metric(cfg: Config, specs: tuple[TaskSpec, ...]) -> str:
     """The early-stopping metric: `train.early_stop_metric`, else the first task's headline metric."""
-    if cfg.train.early_stop_metric:
-        return cfg.train.early_stop_metric
-    spec = specs[0]
-    if spec.after is not None:
-        return f"{spec.name}/auc_clicked"
-    return f"{spec.name}/" + {"binary": "auc", "regression": "rmse", "count": "poisson_deviance"}[spec.kind]
+    return cfg.train.early_stop_metric or headline_metric(specs[0])
 
 
 def set_learning_rate(trainer: Trainer, step: int, total_steps: int) -> None:

@@ -15,8 +15,9 @@ from recsys_mtl.data.loader import Dataset
 from recsys_mtl.data.schema import Schema
 from recsys_mtl.distributed import ShardedRanker, shard_model
 from recsys_mtl.model.embeddings import TEXT_TABLE_PREFIX, write_table
-from recsys_mtl.model.losses import MultiTaskLoss, TaskSpec, active_tasks, predict, task_specs
+from recsys_mtl.model.losses import MultiTaskLoss, active_tasks
 from recsys_mtl.model.ranker import MultiTaskRanker, RankerOutput
+from recsys_mtl.tasks import TaskSpec, predict, task_specs
 from recsys_mtl.text import load_text_vectors, read_texts
 
 
@@ -137,7 +138,7 @@ def _task_grad_norms(trainer: Trainer, task_means: Tensor) -> Tensor:
 
 @torch.no_grad()
 def predict_batch(trainer: Trainer, batch: Batch) -> dict[str, Tensor]:
-    """Predictions in label units (see losses.predict) for one batch; the model is put in eval mode."""
+    """Predictions in label units (see tasks.predict) for one batch; the model is put in eval mode."""
     trainer.model.eval()
     try:
         return predict(forward(trainer, batch).logits, trainer.specs)

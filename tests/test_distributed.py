@@ -1,4 +1,5 @@
-"""Two ranks under torchrun on CPU (gloo) against one rank, on the tiny world (slow: two trainer processes)."""
+"""The process group and the sharding plan; two ranks under torchrun on CPU (gloo) against one rank, on the tiny world
+(slow: two trainer processes)."""
 
 import json
 import subprocess
@@ -8,11 +9,19 @@ from pathlib import Path
 import polars as pl
 import pytest
 import torch
+import torch.distributed as dist
 
+from recsys_mtl import distributed
 from recsys_mtl.config import load_config
+from recsys_mtl.data.schema import Schema
 from recsys_mtl.evaluate import evaluate_run
+from recsys_mtl.model.embeddings import TEXT_TABLE_PREFIX
 from recsys_mtl.score import score
 from recsys_mtl.train import train
+from recsys_mtl.trainer import build_ranker
+from tests.conftest import tiny_config
+
+CPU = torch.device("cpu")
 
 CONFIG = """dataset = "{dataset}"
 tasks = [{{ name = "ctr" }}, {{ name = "cvr", after = "ctr" }}, {{ name = "rating" }}, {{ name = "reads" }}]
@@ -27,6 +36,36 @@ num_experts = 3
 batch_size = 256
 epochs = 2
 """
+
+
+def test_the_process_group_is_left_after_the_block_with_a_barrier_only_on_success(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    left: list[bool] = []
+    destroy = distributed.destroy_process_group
+    monkeypatch.setattr(distributed, "destroy_process_group", lambda failed: [left.append(failed), destroy(failed)])
+    with distributed.process_group(CPU) as group:
+        assert (dist.get_rank(group), dist.get_world_size(group)) == (0, 1)
+    assert not dist.is_initialized()
+    with pytest.raises(KeyError, match="a bug"), distributed.process_group(CPU):
+        raise KeyError("a bug")
+    assert not dist.is_initialized()
+    assert left == [False, True]  # failed: no barrier, the peers may never arrive
+
+
+def test_every_table_is_planned_and_frozen_parts_stop_training(text_dataset: Path, tiny_bert: Path) -> None:
+    cfg = tiny_config(text_dataset, tiny_bert)
+    schema = Schema.load(text_dataset)
+    model, _ = build_ranker(cfg, text_dataset, schema)
+    names = model.table_names()
+    assert names == [t.name for t in schema.tables] + [TEXT_TABLE_PREFIX + t.name for t in schema.texts]
+    assert list(distributed._constraints(model, cfg)) == names
+    assert [n for n, _ in model.named_parameters() if model.is_frozen_table(n)] == [
+        f"text_ebc.embedding_bags.{TEXT_TABLE_PREFIX}{t.name}.weight" for t in schema.texts
+    ]
+    model.freeze(("shared", "text_projection"))
+    frozen = {name.split(".")[0] for name, param in model.named_parameters() if not param.requires_grad}
+    assert frozen == {"mixture", "text_projections"}
 
 
 @pytest.mark.slow

@@ -4,8 +4,8 @@ import polars as pl
 import pytest
 
 from data_prep.description import load_description
-from data_prep.encode import RawEncoder
 from data_prep.prepare import prepare
+from recsys_mtl.data.encode import RawEncoder
 from recsys_mtl.data.schema import SPLITS
 from recsys_mtl.errors import InputError, MissingInputError
 from tests.test_prepare import TOY_DESCRIPTION, _toy_raw

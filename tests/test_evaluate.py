@@ -11,7 +11,7 @@ from recsys_mtl.data.loader import Dataset
 from recsys_mtl.data.schema import Schema
 from recsys_mtl.errors import InputError, MissingInputError
 from recsys_mtl.evaluate import SplitPredictions, oracle_predictions, warn_undefined
-from recsys_mtl.model.losses import TaskSpec
+from recsys_mtl.tasks import TaskSpec
 
 
 def test_undefined_metrics_are_warned_per_task_and_split(caplog: pytest.LogCaptureFixture) -> None:

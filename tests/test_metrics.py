@@ -5,8 +5,8 @@ import pytest
 import torch
 from sklearn.metrics import log_loss, mean_absolute_error, mean_poisson_deviance, mean_squared_error, roc_auc_score
 
-from recsys_mtl.metrics import auc, format_metric, gauc, logloss, poisson_deviance, task_metrics
-from recsys_mtl.model.losses import TaskSpec
+from recsys_mtl.metrics import auc, calibration, format_metric, gauc, logloss, poisson_deviance, task_metrics
+from recsys_mtl.tasks import TaskSpec
 
 RNG = np.random.default_rng(0)
 LABELS = (RNG.random(2000) < 0.3).astype(np.float64)
@@ -98,3 +98,19 @@ def test_constant_labels_give_undefined_aucs_not_an_error() -> None:
     assert [format_metric(metrics[k], 3) for k in ("ctr/auc", "ctr/logloss")] == ["—", "0.815"]
     assert format_metric(None) == "—"
     assert format_metric(0.123456) == "0.1235"
+
+
+def test_calibration_is_mean_prediction_over_mean_label() -> None:
+    assert calibration(torch.tensor([1.0, 0, 0, 1]), torch.tensor([0.6, 0.2, 0.2, 0.2])) == pytest.approx(0.6)
+
+
+def test_a_task_after_an_untrained_one_has_no_joint_metrics() -> None:
+    cvr = TaskSpec(name="cvr", kind="binary", loss="bce", weight=1.0, after="ctr", esmm=False)
+    ones = torch.ones(4, dtype=torch.bool)
+    metrics = task_metrics(
+        {"cvr": torch.tensor([0.5, 0.1, 0.8, 0.95])},
+        {"ctr": torch.tensor([1.0, 1, 1, 0]), "cvr": torch.tensor([1.0, 0, 0, 1])},
+        {"ctr": ones, "cvr": ones},
+        (cvr,),
+    )
+    assert metrics == {"cvr/auc_clicked": 0.5}  # clicked rows only: 0.5 beats 0.1, not 0.8 (0.75 with row 3)

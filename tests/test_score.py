@@ -7,7 +7,6 @@ import pytest
 import torch
 from polars.testing import assert_frame_equal
 
-from data_prep.encode import RawEncoder
 from recsys_mtl import score as score_module
 from recsys_mtl.cli import main
 from recsys_mtl.data.loader import Dataset
@@ -70,8 +69,7 @@ def test_raw_rows_score_as_their_prepared_split_and_unseen_ids_fall_back(
     )
     rows = pl.concat([raw, unseen])
     rows.write_parquet(tmp_path / "raw.parquet", row_group_size=1_500)
-    encoder = RawEncoder(text_dataset, side_dir=tiny_world)
-    summary = score(run, tmp_path / "raw.parquet", tmp_path / "raw_out", CPU, encoder=encoder, progress=False)
+    summary = score(run, tmp_path / "raw.parquet", tmp_path / "raw_out", CPU, side_dir=tiny_world, progress=False)
     score(run, text_dataset, tmp_path / "prepared_out", CPU, progress=False)
     from_raw, from_prepared = _scores(tmp_path / "raw_out"), _scores(tmp_path / "prepared_out")
     assert from_raw["impression_id"].to_list() == rows["impression_id"].to_list()
@@ -79,7 +77,7 @@ def test_raw_rows_score_as_their_prepared_split_and_unseen_ids_fall_back(
     assert from_raw.tail(3)["pred_ctr"].is_between(0, 1).all()  # unknown user, unknown item without a title
     assert summary.missing_text["item_title"] >= 3
     with pytest.raises(ValueError, match=r"rows have a 'item_id' without a 'item_title' text vector"):
-        score(run, tmp_path / "raw.parquet", tmp_path / "strict", CPU, encoder=encoder, missing_text="error")
+        score(run, tmp_path / "raw.parquet", tmp_path / "strict", CPU, side_dir=tiny_world, missing_text="error")
 
 
 def test_a_rerun_after_a_crash_completes_without_duplicates(
@@ -131,12 +129,20 @@ def test_shards_follow_row_groups(tmp_path: Path) -> None:
     assert pq.ParquetFile(tmp_path / "x.parquet").metadata.num_row_groups == 4
 
 
-def test_score_from_the_command_line(run: Path, text_dataset: Path, tmp_path: Path, capsys) -> None:
+def test_score_from_the_command_line(
+    run: Path, tiny_world: Path, text_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["score", str(run), str(text_dataset), "--out", str(tmp_path / "out"), "--quiet"]) == 0
     assert "scored 4,285 rows" in capsys.readouterr().out
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["rows"] == 4_285
     assert main(["score", str(run), str(tmp_path / "nothing"), "--out", str(tmp_path / "o2"), "--quiet"]) == 2
     assert "no parquet files to score" in capsys.readouterr().err
+    raw = tmp_path / "rows.parquet"  # raw rows without the side columns: joined from --side-dir
+    pl.read_parquet(tiny_world / "impressions").head(50).write_parquet(raw)
+    assert main(["score", str(run), str(raw), "--out", str(tmp_path / "o3"), "--side-dir", str(tiny_world)]) == 0
+    assert "scored 50 rows" in capsys.readouterr().out
+    assert main(["score", str(run), str(raw), "--out", str(tmp_path / "o4"), "--side-dir", str(tmp_path)]) == 2
+    assert f"is not under {tmp_path} (pass the raw folder that has it)" in capsys.readouterr().err
 
 
 def test_an_out_that_is_holds_or_lies_inside_the_input_is_refused(
@@ -149,10 +155,9 @@ def test_an_out_that_is_holds_or_lies_inside_the_input_is_refused(
     raw = tmp_path / "raw" / "rows.parquet"
     raw.parent.mkdir()
     pl.read_parquet(tiny_world / "impressions").head(50).write_parquet(raw)
-    encoder = RawEncoder(text_dataset, side_dir=tiny_world)
     for inp, out in ((raw, raw.parent), (raw.parent, raw.parent / "scores"), (raw.parent / "*.parquet", raw.parent)):
         with pytest.raises(InputError, match="is, contains or lies inside the input"):
-            score(run, inp, out, CPU, encoder=encoder, progress=False)
+            score(run, inp, out, CPU, side_dir=tiny_world, progress=False)
     assert (text_dataset / "schema.toml").read_bytes() == schema_before
     assert not (text_dataset / "scores").exists()
     assert [p.name for p in raw.parent.iterdir()] == ["rows.parquet"]
@@ -196,8 +201,7 @@ def test_non_finite_raw_values_are_scored_as_missing_and_counted(
     bid = pl.Series("bid", [float("inf"), float("nan"), -float("inf")] + [None] * 397, dtype=pl.Float64)
     raw.with_columns(bid).write_parquet(tmp_path / "bad.parquet")
     raw.with_columns(pl.lit(None, pl.Float64).alias("bid")).write_parquet(tmp_path / "missing.parquet")
-    encoder = RawEncoder(text_dataset, side_dir=tiny_world)
-    summary = score(run, tmp_path / "bad.parquet", tmp_path / "bad", CPU, encoder=encoder, progress=False)
-    score(run, tmp_path / "missing.parquet", tmp_path / "missing", CPU, encoder=encoder, progress=False)
+    summary = score(run, tmp_path / "bad.parquet", tmp_path / "bad", CPU, side_dir=tiny_world, progress=False)
+    score(run, tmp_path / "missing.parquet", tmp_path / "missing", CPU, side_dir=tiny_world, progress=False)
     assert summary.non_finite == {"price": 0, "length": 0, "bid": 3}
     assert_frame_equal(_scores(tmp_path / "bad"), _scores(tmp_path / "missing"))

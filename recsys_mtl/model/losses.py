@@ -1,91 +1,19 @@
-"""Per-task losses (always fp32), their reduction and weighting, and the predictions each task's logit stands for.
+"""Per-task losses (always fp32), their reduction and weighting.
 
-Kinds: binary -> BCE on sigmoid(logit); regression -> bounded output min + (max - min) * sigmoid(logit) with masked
-MSE or Huber; count -> log link, Poisson NLL. A task `after` another one (cvr after ctr) is ESMM-style by default:
-p(after) * p(task) is supervised on every row. A null label is absent: it contributes nothing.
+Losses by `TaskSpec.loss` (see tasks.py for the kinds): bce on sigmoid(logit); mse or huber on the bounded rating
+(tasks.to_label_units); poisson, the log-link NLL. A task `after` another one (cvr after ctr) is ESMM-style by
+default: the joint p(after) * p(task) is supervised on every row; without esmm, the task alone on tasks.after_rows.
+A null label is absent: it contributes nothing.
 """
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from recsys_mtl.config import Config
-from recsys_mtl.data.schema import Schema
-from recsys_mtl.errors import InputError
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """A configured task joined with its label in the schema."""
-
-    name: str
-    kind: str  # binary | regression | count
-    loss: str  # bce | mse | huber | poisson
-    weight: float
-    after: str | None = None
-    esmm: bool = True
-    min: float = 0.0
-    max: float = 1.0
-
-
-def task_specs(cfg: Config, schema: Schema) -> tuple[TaskSpec, ...]:
-    """The tasks of `cfg`, in order, with kinds and bounds from `schema`.
-
-    Raises:
-        ValueError: a task has no label in the dataset, or `after` names a non-binary task.
-    """
-    labels = {label.task: label for label in schema.labels}
-    specs = []
-    for task in cfg.tasks:
-        if task.name not in labels:
-            raise InputError(f"task {task.name!r} has no label in dataset {schema.name!r} (tasks: {sorted(labels)})")
-        label = labels[task.name]
-        if task.after is not None and (task.after not in labels or labels[task.after].kind != "binary"):
-            raise InputError(f"task {task.name!r}: after = {task.after!r} must name a binary label of the dataset")
-        if task.after is not None and label.kind != "binary":
-            raise InputError(f"task {task.name!r}: after = {task.after!r} needs a binary task")
-        loss = {"binary": "bce", "count": "poisson"}.get(label.kind, "mse" if task.loss == "auto" else task.loss)
-        specs.append(
-            TaskSpec(
-                name=task.name,
-                kind=label.kind,
-                loss=loss,
-                weight=task.weight,
-                after=task.after,
-                esmm=task.esmm,
-                min=label.min if label.min is not None else 0.0,
-                max=label.max if label.max is not None else 1.0,
-            )
-        )
-    return tuple(specs)
-
-
-def predict(logits: dict[str, Tensor], specs: tuple[TaskSpec, ...]) -> dict[str, Tensor]:
-    """Predictions in label units: probabilities, bounded ratings, expected counts. For an `after` task, both
-    its own conditional probability (key `name`) and the joint one (key `name + "_joint"`, e.g. pCTCVR).
-
-    Args:
-        logits: task -> [B].
-
-    Returns:
-        task -> [B] float32.
-    """
-    out = {}
-    for spec in specs:
-        logit = logits[spec.name].float()
-        if spec.kind == "binary":
-            out[spec.name] = torch.sigmoid(logit)
-        elif spec.kind == "regression":
-            out[spec.name] = spec.min + (spec.max - spec.min) * torch.sigmoid(logit)
-        else:
-            out[spec.name] = torch.exp(logit)
-    for spec in specs:
-        if spec.after in out:
-            out[spec.name + "_joint"] = out[spec.after] * out[spec.name]
-    return out
+from recsys_mtl.tasks import TaskSpec, after_rows, to_label_units
 
 
 def _log1mexp(log_p: Tensor) -> Tensor:
@@ -117,14 +45,14 @@ def sample_losses(
             log_p = F.logsigmoid(logits[spec.after].float()) + F.logsigmoid(logit)  # log(pCTR * pCVR)
             loss = -(target * log_p + (1 - target) * _log1mexp(log_p))
         elif spec.after is not None:
-            mask = mask & masks[spec.after] & (labels[spec.after] == 1)
+            mask = after_rows(spec, labels, masks)
             loss = F.binary_cross_entropy_with_logits(logit, target, reduction="none")
         elif spec.loss == "bce":
             loss = F.binary_cross_entropy_with_logits(logit, target, reduction="none")
         elif spec.loss == "poisson":
             loss = torch.exp(logit) - target * logit  # Poisson NLL with log link, without the log(y!) constant
         else:
-            prediction = spec.min + (spec.max - spec.min) * torch.sigmoid(logit)
+            prediction = to_label_units(spec, logit)
             if spec.loss == "huber":
                 loss = F.huber_loss(prediction, target, reduction="none", delta=huber_delta)
             else:

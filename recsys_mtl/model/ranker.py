@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from recsys_mtl.config import Config
+from recsys_mtl.config import Config, Freezable
 from recsys_mtl.data.batch import Batch
 from recsys_mtl.data.schema import Schema
 from recsys_mtl.model.embeddings import build_ebc, build_text_ebc
@@ -17,7 +17,7 @@ from recsys_mtl.text import TextFinetuner
 
 @dataclass
 class RankerOutput:
-    """logits: task -> [B] (see losses.predict for what each stands for); gate_weights: [B, T, E]."""
+    """logits: task -> [B] (see tasks.predict for what each stands for); gate_weights: [B, T, E]."""
 
     logits: dict[str, Tensor]
     gate_weights: Tensor
@@ -75,6 +75,30 @@ class MultiTaskRanker(nn.Module):
         self.towers = nn.ModuleDict(
             {t: TaskTower(self.mixture.out_dim, cfg.model.tower_dims, cfg.model.dropout) for t in self.task_names}
         )
+
+    def table_names(self) -> list[str]:
+        """The embedding tables: the sparse features' tables, then the text tables (`TEXT_TABLE_PREFIX` + text)."""
+        collections = [self.ebc] if self.text_ebc is None else [self.ebc, self.text_ebc]
+        return [c.name for ebc in collections for c in ebc.embedding_bag_configs()]
+
+    def freeze(self, parts: tuple[Freezable, ...]) -> None:
+        """Stop training `parts` (`train.freeze`): "shared" (the mixture), "text_projection", "bert" (the fine-tuned
+        BERT layers)."""
+        modules: dict[str, list[nn.Module]] = {
+            "shared": [self.mixture],
+            "text_projection": [self.text_projections],
+            "bert": [self.text_finetuner] if self.text_finetuner is not None else [],
+        }
+        for part in parts:
+            for module in modules[part]:
+                for param in module.parameters():
+                    param.requires_grad_(False)
+
+    @staticmethod
+    def is_frozen_table(parameter_name: str) -> bool:
+        """Whether a parameter (named as in this model, wrapped or not) belongs to the frozen text tables: their
+        output is detached, so the fused kernel never sees a gradient for them and no optimizer may hold them."""
+        return "text_ebc." in parameter_name
 
     def text_features(self, batch: Batch) -> list[Tensor]:
         """Projected text vectors, one [B, text_dim] per text feature."""

@@ -1,4 +1,5 @@
-"""Raw rows -> shard rows: the encoding of ids, multi-hot lists and text keys, shared by `prepare` and by scoring.
+"""Raw rows -> shard rows: the encoding of ids, multi-hot lists and text keys, shared by data_prep's `prepare` and by
+scoring.
 
 `prepare` builds the vocabularies from the train split and encodes every split with these encoders; `RawEncoder`
 rebuilds the same encoders from a prepared dataset's saved `vocab/`, `text/` and `description.toml`, so that raw rows
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import polars as pl
 
-from data_prep.description import Description, FeatureDesc, load_description
+from recsys_mtl.data.description import Description, FeatureDesc, read_description
 from recsys_mtl.data.schema import KEY_PREFIX, Schema, TableSpec, read_table
 from recsys_mtl.errors import InputError, MissingInputError, reading
 
@@ -220,7 +221,7 @@ class RawEncoder:
         path = folder / DESCRIPTION_FILE
         if not path.is_file():
             raise MissingInputError(f"{path} is missing: prepare the dataset again to score raw rows with it")
-        self.desc = load_description(path)
+        self.desc = read_description(path)
         self.schema = Schema.load(folder)
         self.side_dir = Path(side_dir) if side_dir is not None else Path(self.schema.source)
         self.tables = {t.name: t for t in self.schema.tables}

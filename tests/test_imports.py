@@ -1,0 +1,58 @@
+"""The packages depend one way: data_prep uses recsys_mtl (the data contract), recsys_mtl never uses data_prep."""
+
+import ast
+from pathlib import Path
+
+import recsys_mtl
+
+PACKAGE = Path(recsys_mtl.__file__).parent
+# the console script dispatches every stage, data_prep's synth and prepare too: only their commands import data_prep
+CLI_COMMANDS_OF_DATA_PREP = {"_synth", "_prepare", "build_parser"}
+
+
+def _imports(path: Path) -> list[tuple[str, str | None]]:
+    """(imported module, the function it is imported in, None at module level) of every import in `path`."""
+    found: list[tuple[str, str | None]] = []
+
+    def visit(node: ast.AST, function: str | None) -> None:
+        if isinstance(node, ast.Import):
+            found.extend((alias.name, function) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            found.append((node.module or "", function))
+        for child in ast.iter_child_nodes(node):
+            inner = child.name if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef) else function
+            visit(child, function or inner)
+
+    visit(ast.parse(path.read_text(), str(path)), None)
+    return found
+
+
+def _is_data_prep(module: str) -> bool:
+    return module == "data_prep" or module.startswith("data_prep.")
+
+
+def test_no_module_of_recsys_mtl_imports_data_prep() -> None:
+    modules = sorted(PACKAGE.rglob("*.py"))
+    assert PACKAGE / "data" / "encode.py" in modules  # scoring's raw-row encoding lives in the package
+    offenders = {
+        str(path.relative_to(PACKAGE)): module
+        for path in modules
+        if path != PACKAGE / "cli.py"
+        for module, _ in _imports(path)
+        if _is_data_prep(module)
+    }
+    assert offenders == {}
+    cli_functions = {function for module, function in _imports(PACKAGE / "cli.py") if _is_data_prep(module)}
+    assert cli_functions == CLI_COMMANDS_OF_DATA_PREP  # never at module level, never for train / evaluate / score
+
+
+def test_data_never_imports_the_model() -> None:
+    imported = {module for path in (PACKAGE / "data").glob("*.py") for module, _ in _imports(path)}
+    assert "recsys_mtl.data.description" in imported
+    assert sorted(m for m in imported if m.startswith("recsys_mtl.model")) == []
+
+
+def test_the_import_scan_sees_function_level_imports(tmp_path: Path) -> None:
+    source = tmp_path / "module.py"
+    source.write_text("import os\n\ndef run():\n    from data_prep.synth import WorldConfig\n    import data_prep\n")
+    assert _imports(source) == [("os", None), ("data_prep.synth", "run"), ("data_prep", "run")]
