@@ -43,7 +43,7 @@ from recsys_mtl.distributed import init_process_group
 from recsys_mtl.model.experts import ExpertStack, Mixture
 from recsys_mtl.model.interaction import CrossNet
 from recsys_mtl.model.towers import TaskTower
-from recsys_mtl.trainer import build_trainer, train_step
+from recsys_mtl.step import build_trainer, train_step
 
 BATCH = 4096
 # name -> (rows, dim, features); "category" also feeds the multi-hot feature

@@ -28,7 +28,7 @@ from common import RESULTS, print_table, write_results
 from recsys_mtl.config import load_config
 from recsys_mtl.data.loader import Dataset, read_batches
 from recsys_mtl.data.schema import SPLITS, Schema, SplitSpec
-from recsys_mtl.trainer import build_trainer, train_step
+from recsys_mtl.step import build_trainer, train_step
 
 SCALED = {"user": 0.6, "item": 0.3, "ad": 0.1}
 

@@ -7,6 +7,7 @@ temporary folder, checked against its schema, and renamed into place.
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import polars as pl
 import tomli_w
@@ -38,6 +39,9 @@ from recsys_mtl.data.schema import (
     check_dataset,
 )
 from recsys_mtl.errors import InputError, reading
+
+if TYPE_CHECKING:
+    from polars._typing import PolarsDataType
 from recsys_mtl.files import atomic_dir, atomic_write_text, check_output
 from recsys_mtl.structs import to_mapping
 
@@ -145,11 +149,13 @@ def _scan_rows(raw: Path, desc: Description) -> pl.LazyFrame:
         side = unique_side_table(side.select(join.on, *join.columns), join.on, path[0])
         rows = rows.join(side, on=join.on, how="left", maintain_order="left")
     if split.method == "time":
-        cuts = rows.select(
-            pl.col(split.column).quantile(1 - split.valid - split.test, "higher").alias("valid"),
-            pl.col(split.column).quantile(1 - split.test, "higher").alias("test"),
-        ).collect()
+        if split.column is None:  # SplitDesc refuses this already
+            raise ValueError("split.method = 'time' needs split.column")
         time = pl.col(split.column)
+        cuts = rows.select(
+            time.quantile(1 - split.valid - split.test, "higher").alias("valid"),
+            time.quantile(1 - split.test, "higher").alias("test"),
+        ).collect()
         label = pl.when(time >= cuts["test"]).then(pl.lit("test")).when(time >= cuts["valid"]).then(pl.lit("valid"))
         rows = rows.with_columns(label.otherwise(pl.lit("train")).alias(SPLIT))
     elif split.method == "random":
@@ -232,7 +238,9 @@ def _build_tables(
     return tables, vocabs
 
 
-def _vocabulary(train: pl.LazyFrame, features: list[FeatureDesc], dtype: pl.DataType, min_count: int) -> pl.DataFrame:
+def _vocabulary(
+    train: pl.LazyFrame, features: list[FeatureDesc], dtype: "PolarsDataType", min_count: int
+) -> pl.DataFrame:
     """value -> index (1.., most frequent first, ties by value), for values seen >= min_count times in train."""
     parts = []
     for f in features:

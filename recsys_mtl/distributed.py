@@ -41,7 +41,10 @@ def init_process_group(device: torch.device) -> dist.ProcessGroup:
             dist.init_process_group(backend)
         else:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    return dist.group.WORLD
+    group = dist.group.WORLD
+    if group is None:  # init_process_group sets it, or raises
+        raise RuntimeError("torch.distributed has no default process group after init_process_group")
+    return group
 
 
 def world() -> tuple[int, int]:

@@ -13,18 +13,17 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from recsys_mtl.checkpoint import fingerprint, load_checkpoint, read_progress, trained_checkpoint
-from recsys_mtl.config import load_config
+from recsys_mtl.config import Config
 from recsys_mtl.data.batch import Batch
 from recsys_mtl.data.loader import Dataset, count_batches, read_batches
 from recsys_mtl.distributed import average_norm_statistics, world
 from recsys_mtl.errors import InputError, MissingInputError, reading
 from recsys_mtl.files import atomic_write_text
 from recsys_mtl.metrics import auc, task_metrics
-from recsys_mtl.model.ranker import RankerOutput
+from recsys_mtl.model.ranker import RankerOutput, autocast
 from recsys_mtl.report import write_report
+from recsys_mtl.run import load_run
 from recsys_mtl.tasks import TaskSpec, add_joint, predict
-from recsys_mtl.trainer import Trainer, build_trainer, forward
 
 log = logging.getLogger(__name__)
 CALIBRATION_BINS = 10
@@ -43,32 +42,48 @@ class SplitPredictions:
     cold: Tensor | None  # [N] bool: the COLD_FEATURE id is unknown (0); None without that feature
 
 
+@dataclass(frozen=True)
+class Predictor:
+    """What evaluation needs of a model: the model (sharded in training, whole when loaded by `load_run`), its tasks,
+    its config (for autocast) and the device its inputs go to."""
+
+    model: torch.nn.Module
+    specs: tuple[TaskSpec, ...]
+    cfg: Config
+    device: torch.device
+
+
 @torch.no_grad()
-def predict_split(trainer: Trainer, dataset: Dataset, split: str, batch_size: int = 8192) -> SplitPredictions | None:
+def predict_split(
+    predictor: Predictor, dataset: Dataset, split: str, batch_size: int = 8192
+) -> SplitPredictions | None:
     """Run the model over `split` in eval mode and keep every prediction, label and key.
 
     Under N ranks each rank predicts its own part and rank 0 receives every row (the others get None). Ranks with
     fewer batches repeat their last one, unrecorded, so that the sharded tables' collectives stay in step.
     """
     rank, world_size = world()
-    average_norm_statistics(trainer.model)
+    model = predictor.model
+    average_norm_statistics(model)
     steps = max(count_batches(dataset, split, batch_size, rank=r, world_size=world_size) for r in range(world_size))
     batches = read_batches(dataset, split, batch_size, rank=rank, world_size=world_size)
     parts: list[dict] = []
     last = None
-    trainer.model.eval()
+    was_training = model.training
+    model.eval()
     try:
         for _ in range(steps):
             batch = next(batches, None)
             recorded = batch is not None
             if batch is None:  # out of rows (or none at all): a placeholder batch, not recorded
                 batch = last if last is not None else next(read_batches(dataset, split, batch_size))
-            batch = last = batch.to(trainer.device)
-            output = forward(trainer, batch)
+            batch = last = batch.to(predictor.device)
+            with autocast(predictor.cfg, predictor.device):
+                output = model(batch)
             if recorded:
-                parts.append(_part(trainer, batch, output))
+                parts.append(_part(predictor.specs, batch, output))
     finally:
-        trainer.model.train()
+        model.train(was_training)
     if world_size > 1:
         gathered: list | None = [None] * world_size if rank == 0 else None
         dist.gather_object(parts, gathered, dst=0)
@@ -86,11 +101,11 @@ def predict_split(trainer: Trainer, dataset: Dataset, split: str, batch_size: in
     )
 
 
-def _part(trainer: Trainer, batch: Batch, output: RankerOutput) -> dict:
+def _part(specs: tuple[TaskSpec, ...], batch: Batch, output: RankerOutput) -> dict:
     """One batch's share of a SplitPredictions, on the CPU."""
     has_cold = COLD_FEATURE in batch.sparse.keys()  # noqa: SIM118 (a KeyedJaggedTensor, not a dict)
     return {
-        "values": {k: v.cpu() for k, v in predict(output.logits, trainer.specs).items()},
+        "values": {k: v.cpu() for k, v in predict(output.logits, specs).items()},
         "labels": {k: v.cpu() for k, v in batch.labels.items()},
         "masks": {k: v.cpu() for k, v in batch.masks.items()},
         "keys": batch.keys,
@@ -118,16 +133,18 @@ def oracle_predictions(dataset: Dataset, keys: pl.DataFrame, specs: tuple[TaskSp
     return add_joint(values, specs)
 
 
-def split_metrics(trainer: Trainer, dataset: Dataset, split: str) -> tuple[dict[str, float], SplitPredictions | None]:
+def split_metrics(
+    predictor: Predictor, dataset: Dataset, split: str
+) -> tuple[dict[str, float], SplitPredictions | None]:
     """Model metrics on `split`; where the data has an oracle, also `oracle/<metric>` and `ratio/<metric>`.
 
     Exact over the whole split: under N ranks they are computed once, on rank 0, and sent to every rank (so that all
     take the same early-stopping decision); only rank 0 gets the predictions.
     """
-    preds = predict_split(trainer, dataset, split)
+    preds = predict_split(predictor, dataset, split)
     metrics = {}
     if preds is not None:
-        metrics = _metrics(trainer, dataset, preds)
+        metrics = _metrics(predictor.specs, dataset, preds)
         warn_undefined(metrics, preds, split)
     if world()[1] > 1:
         shared = [metrics]
@@ -136,15 +153,13 @@ def split_metrics(trainer: Trainer, dataset: Dataset, split: str) -> tuple[dict[
     return metrics, preds
 
 
-def _metrics(trainer: Trainer, dataset: Dataset, preds: SplitPredictions) -> dict[str, float]:
+def _metrics(specs: tuple[TaskSpec, ...], dataset: Dataset, preds: SplitPredictions) -> dict[str, float]:
     users = preds.keys["user_id"].to_numpy() if "user_id" in preds.keys.columns else None
-    metrics = task_metrics(preds.values, preds.labels, preds.masks, trainer.specs, users) | cold_metrics(
-        preds, trainer.specs
-    )
-    oracle = oracle_predictions(dataset, preds.keys, trainer.specs)
+    metrics = task_metrics(preds.values, preds.labels, preds.masks, specs, users) | cold_metrics(preds, specs)
+    oracle = oracle_predictions(dataset, preds.keys, specs)
     if oracle is not None:
-        oracle_metrics = task_metrics(oracle, preds.labels, preds.masks, trainer.specs, users)
-        oracle_metrics |= cold_metrics(dataclasses.replace(preds, values=oracle), trainer.specs)
+        oracle_metrics = task_metrics(oracle, preds.labels, preds.masks, specs, users)
+        oracle_metrics |= cold_metrics(dataclasses.replace(preds, values=oracle), specs)
         metrics |= {f"oracle/{k}": v for k, v in oracle_metrics.items()}
         metrics |= {f"ratio/{k}": metrics[k] / v for k, v in oracle_metrics.items() if v}
     return metrics
@@ -193,23 +208,6 @@ def write_json(path: Path, data: dict) -> None:
     atomic_write_text(path, json.dumps(data, indent=1) + "\n")
 
 
-def load_trained(run_dir: Path, device: torch.device) -> tuple[Trainer, Dataset]:
-    """The run's trainer with its best checkpoint (else its last) loaded, and its dataset.
-
-    Raises:
-        MissingInputError: no config.toml or checkpoint in `run_dir`.
-        InputError: the checkpoint does not match the config or the dataset, or is refused as unsafe or corrupt.
-    """
-    run_dir = Path(run_dir)
-    cfg = load_config(run_dir / "config.toml")
-    dataset = Dataset(cfg.dataset)
-    trainer = build_trainer(cfg, dataset, device)
-    checkpoint = trained_checkpoint(run_dir)
-    read_progress(checkpoint, fingerprint(cfg, dataset.schema))
-    load_checkpoint(checkpoint, {"model": trainer.model.state_dict()})
-    return trainer, dataset
-
-
 def evaluate_run(run_dir: Path, split: str, device: torch.device, baselines: tuple[Path, ...] = ()) -> dict[str, float]:
     """Evaluate a trained run on `split`: metrics_<split>.json, details_<split>.json and report_<split>.md.
 
@@ -217,16 +215,17 @@ def evaluate_run(run_dir: Path, split: str, device: torch.device, baselines: tup
         baselines: other runs (e.g. single-task) already evaluated on `split`, shown beside this one in the report.
     """
     run_dir = Path(run_dir)
-    trainer, dataset = load_trained(run_dir, device)
-    metrics, preds = split_metrics(trainer, dataset, split)
+    run = load_run(run_dir, device)
+    dataset = Dataset(run.cfg.dataset)
+    metrics, preds = split_metrics(Predictor(run.model, run.specs, run.cfg, device), dataset, split)
     if preds is None:  # not rank 0: rank 0 writes the files
         return metrics
-    binary = [s.name for s in trainer.specs if s.task_kind == "binary"]
+    binary = [s.name for s in run.specs if s.task_kind == "binary"]
     details = {
         "num_rows": len(preds.keys),
-        "arch": trainer.cfg.model.arch,
-        "tasks": list(trainer.cfg.task_names),
-        "experts": trainer.sharded.module.mixture.expert_names,
+        "arch": run.cfg.model.arch,
+        "tasks": list(run.cfg.task_names),
+        "experts": run.model.mixture.expert_names,
         "gate_weights": preds.gate_weights.tolist(),
         "calibration": {task: calibration_curve(preds, task) for task in binary},
     }

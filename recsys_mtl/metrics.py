@@ -59,7 +59,7 @@ def gauc(labels: Tensor, scores: Tensor, groups: np.ndarray) -> float:
     )
     if per_group.height == 0:
         return float("nan")
-    return float((per_group["auc"] * per_group["n"]).sum() / per_group["n"].sum())
+    return float((per_group["auc"] * per_group["n"]).sum()) / float(per_group["n"].sum())
 
 
 def logloss(labels: Tensor, probs: Tensor) -> float:

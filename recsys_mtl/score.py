@@ -25,21 +25,18 @@ import polars as pl
 import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
-from torch.ao.quantization import PlaceholderObserver, QConfig
-from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
 from tqdm import tqdm
 
-from recsys_mtl.checkpoint import PROGRESS_FILE, fingerprint, load_checkpoint, read_progress, trained_checkpoint
-from recsys_mtl.config import Config, load_config
+from recsys_mtl.checkpoint import PROGRESS_FILE
 from recsys_mtl.data.encode import RawEncoder
 from recsys_mtl.data.loader import BatchBuilder
 from recsys_mtl.data.schema import KEY_PREFIX, SCHEMA_FILE, SPLITS, Schema, check_dataset
 from recsys_mtl.distributed import world
 from recsys_mtl.errors import InputError, MissingInputError, OutputExistsError, reading
 from recsys_mtl.files import LOCK_FILE, atomic_file, atomic_write_text, check_output, locked
-from recsys_mtl.model.ranker import MultiTaskRanker
-from recsys_mtl.tasks import TaskSpec, predict, task_specs
-from recsys_mtl.trainer import autocast, build_ranker
+from recsys_mtl.model.ranker import autocast
+from recsys_mtl.run import TrainedRun, load_run
+from recsys_mtl.tasks import predict
 
 log = logging.getLogger(__name__)
 MANIFEST_FILE = "scoring.json"
@@ -81,43 +78,6 @@ class ScoreSummary:
     @property
     def rows_per_second(self) -> float:
         return self.rows / self.seconds if self.seconds else 0.0
-
-
-@dataclass(frozen=True)
-class ScoringModel:
-    """A trained run ready to score: its config, dataset schema, tasks, the checkpoint loaded, and the model."""
-
-    cfg: Config
-    schema: Schema
-    specs: tuple[TaskSpec, ...]
-    checkpoint: Path
-    model: MultiTaskRanker
-
-
-def load_scoring_model(run_dir: Path, device: torch.device, int8: bool = False) -> ScoringModel:
-    """The run's model (best checkpoint, else last) in eval mode, whole on this process.
-
-    The checkpoint is read without collectives, so it loads whatever number of ranks saved it. With `int8`, every
-    embedding table (text tables too) becomes a torchrec quantized table (int8 rows, row-wise scale and bias).
-
-    Raises:
-        MissingInputError: no config.toml or checkpoint in `run_dir`.
-        InputError: the checkpoint does not match the config or the dataset, or is refused as unsafe or corrupt.
-    """
-    cfg = load_config(Path(run_dir) / "config.toml")
-    schema = Schema.load(Path(cfg.dataset))
-    checkpoint = trained_checkpoint(run_dir)
-    read_progress(checkpoint, fingerprint(cfg, schema))
-    model, _ = build_ranker(cfg, Path(cfg.dataset), schema, device)  # its text tables come from the checkpoint
-    load_checkpoint(checkpoint, {"model": model.state_dict()}, no_dist=True)
-    if int8:
-        qconfig = QConfig(activation=PlaceholderObserver, weight=PlaceholderObserver.with_args(dtype=torch.qint8))
-        for name in ("ebc", "text_ebc"):
-            tables = getattr(model, name)
-            if tables is not None:
-                tables.qconfig = qconfig
-                setattr(model, name, QuantEmbeddingBagCollection.from_float(tables))
-    return ScoringModel(cfg, schema, task_specs(cfg, schema), checkpoint, model.to(device).eval())
 
 
 def input_files(inp: Path, split: str, raw: bool) -> list[Path]:
@@ -203,7 +163,7 @@ def score(
     if split not in SPLITS:
         raise InputError(f"--split must be one of {SPLITS}, got {split!r}")
     inp, out = Path(inp), Path(out)
-    scoring = load_scoring_model(run_dir, device, int8)
+    scoring = load_run(run_dir, device, int8)
     raw = not (inp / SCHEMA_FILE).is_file()  # the one place that tells a prepared dataset from raw rows
     encoder = RawEncoder(scoring.cfg.dataset, side_dir) if raw else None
     if not raw:
@@ -235,7 +195,7 @@ def score(
 
 
 def _score_shards(
-    scoring: ScoringModel,
+    scoring: TrainedRun,
     shards: list[ScoreShard],
     out: Path,
     digest: str,

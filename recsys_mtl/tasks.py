@@ -159,7 +159,12 @@ def after_rows(spec: TaskSpec, labels: dict[str, Tensor], masks: dict[str, Tenso
 
     Returns:
         [N] bool.
+
+    Raises:
+        ValueError: the task follows no other task.
     """
+    if spec.after is None:
+        raise ValueError(f"task {spec.name!r} has after = None, expected the name of the task it follows")
     return masks[spec.name] & masks[spec.after] & (labels[spec.after] == 1)
 
 

@@ -147,7 +147,7 @@ def load_text_vectors(folder: Path, schema: Schema, cfg: TextConfig) -> dict[str
                 f"{path}: has {stored.height} vectors from {sorted(models)}, expected {text.num_texts - 1} from "
                 f"{model_id(cfg)!r}: run `recsys-mtl encode-text {folder}` with this config"
             )
-        vectors = torch.from_numpy(np.stack(stored.sort("id")["vector"].to_numpy()).astype(np.float32))
+        vectors = torch.from_numpy(np.stack(list(stored.sort("id")["vector"].to_numpy())).astype(np.float32))
         tables[text.name] = torch.cat([torch.zeros(1, vectors.shape[1]), vectors])  # [num_texts, D_text]
     return tables
 

@@ -33,11 +33,11 @@ from recsys_mtl.data.batch import Batch
 from recsys_mtl.data.loader import Dataset, count_batches, read_batches
 from recsys_mtl.distributed import average_norm_statistics, init_process_group, world
 from recsys_mtl.errors import InputError, MissingInputError, OutputExistsError
-from recsys_mtl.evaluate import split_metrics
+from recsys_mtl.evaluate import Predictor, split_metrics
 from recsys_mtl.files import atomic_write_text, locked
 from recsys_mtl.metrics import format_metric
+from recsys_mtl.step import Trainer, build_trainer, train_step, training_state
 from recsys_mtl.tasks import TaskSpec, better, headline_metric
-from recsys_mtl.trainer import Trainer, build_trainer, train_step, training_state
 
 log = logging.getLogger(__name__)
 CONFIG_FILE = "config.toml"
@@ -367,7 +367,9 @@ def _validate(run: _Run) -> bool:
         InputError: `train.early_stop_metric` is not among the validation metrics.
     """
     position = run.progress
-    metrics, _ = split_metrics(run.trainer, run.dataset, "valid")
+    trainer = run.trainer
+    predictor = Predictor(trainer.model, trainer.specs, trainer.cfg, trainer.device)
+    metrics, _ = split_metrics(predictor, run.dataset, "valid")
     run.valid.append(metrics)
     run.metrics.write("valid", position.step, metrics)
     if run.metric not in metrics:

@@ -16,9 +16,9 @@ from recsys_mtl.config import load_config
 from recsys_mtl.data.schema import Schema
 from recsys_mtl.evaluate import evaluate_run
 from recsys_mtl.model.embeddings import TEXT_TABLE_PREFIX
+from recsys_mtl.run import build_ranker
 from recsys_mtl.score import score
 from recsys_mtl.train import train
-from recsys_mtl.trainer import build_ranker
 from tests.conftest import tiny_config
 
 CPU = torch.device("cpu")

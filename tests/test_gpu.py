@@ -8,8 +8,8 @@ import torch
 
 from recsys_mtl.data.loader import Dataset, read_batches
 from recsys_mtl.score import score
+from recsys_mtl.step import build_trainer, predict_batch, train_step
 from recsys_mtl.train import train
-from recsys_mtl.trainer import build_trainer, predict_batch, train_step
 from tests.conftest import tiny_config
 
 pytestmark = [

@@ -7,7 +7,7 @@ from recsys_mtl.data.loader import Dataset, read_batches
 from recsys_mtl.errors import InputError
 from recsys_mtl.metrics import auc
 from recsys_mtl.model.embeddings import TEXT_TABLE_PREFIX, read_table
-from recsys_mtl.trainer import Trainer, build_trainer, predict_batch, train_step
+from recsys_mtl.step import Trainer, build_trainer, predict_batch, train_step
 from tests.conftest import tiny_config
 
 CPU = torch.device("cpu")

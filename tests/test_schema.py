@@ -106,6 +106,17 @@ def test_schema_with_unknown_key_or_bad_dim_is_refused(dataset: Path) -> None:
         Dataset(dataset)
 
 
+def test_feature_table_is_the_table_a_sparse_feature_looks_up(dataset: Path) -> None:
+    schema = Schema.load(dataset)
+    features = {f.name: f for f in schema.features}
+    user = schema.feature_table(features["user_id"])
+    assert (user.name, user.embedding_dim) == ("user", 32)
+    assert schema.feature_table(features["advertiser"]).name == "brand"  # a table shared with `brand`
+    assert schema.feature_table(features["recent_categories"]).name == "category"
+    with pytest.raises(ValueError, match="feature 'price' \\(dense\\) has no embedding table"):
+        schema.feature_table(features["price"])
+
+
 def test_schema_round_trips_through_toml(dataset: Path, tmp_path: Path) -> None:
     schema = Schema.load(dataset)
     schema.save(tmp_path)

@@ -8,13 +8,16 @@ import torch
 from polars.testing import assert_frame_equal
 
 from recsys_mtl import score as score_module
+from recsys_mtl.checkpoint import load_checkpoint, trained_checkpoint
 from recsys_mtl.cli import main
+from recsys_mtl.config import load_config
 from recsys_mtl.data.loader import Dataset
 from recsys_mtl.errors import InputError, OutputExistsError
-from recsys_mtl.evaluate import load_trained, predict_split
+from recsys_mtl.evaluate import Predictor, predict_split
 from recsys_mtl.files import locked
 from recsys_mtl.metrics import auc
 from recsys_mtl.score import ScoreShard, plan_shards, score
+from recsys_mtl.step import build_trainer
 from recsys_mtl.train import train
 from tests.conftest import tiny_config
 
@@ -42,8 +45,11 @@ def test_scores_equal_the_evaluation_predictions_row_for_row(run: Path, text_dat
     assert scores["impression_id"].to_list() == test_rows["key_impression_id"].to_list()  # every row, in order
     assert summary.rows == test_rows.height
     assert len(summary.shards_written) == len(list((tmp_path / "out").glob("part-*.parquet"))) > 2
-    trainer, dataset = load_trained(run, CPU)
-    expected = predict_split(trainer, dataset, "test")
+    # the model as training holds it (sharded, fused kernels), loaded from the checkpoint the scorer used
+    trainer = build_trainer(load_config(run / "config.toml"), Dataset(text_dataset), CPU)
+    load_checkpoint(trained_checkpoint(run), {"model": trainer.model.state_dict()})
+    predictor = Predictor(trainer.model, trainer.specs, trainer.cfg, CPU)
+    expected = predict_split(predictor, Dataset(text_dataset), "test")
     for task in ("ctr", "cvr", "cvr_joint", "rating", "reads"):
         torch.testing.assert_close(
             scores[f"pred_{task}"].to_torch(), expected.values[task].float(), rtol=1e-5, atol=1e-6

@@ -8,13 +8,18 @@ arriving later (to be scored) are encoded exactly as the training rows were: uns
 
 import hashlib
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import polars as pl
 
 from recsys_mtl.data.description import Description, FeatureDesc, read_description
 from recsys_mtl.data.schema import KEY_PREFIX, Schema, TableSpec, read_table
 from recsys_mtl.errors import InputError, MissingInputError, reading
+
+if TYPE_CHECKING:
+    from polars._typing import PolarsDataType  # a dtype instance or class: a list's `inner` is the class
 
 ENCODED = "__encoded_"
 DESCRIPTION_FILE = "description.toml"
@@ -36,12 +41,17 @@ def features_by_table(desc: Description) -> dict[str, list[FeatureDesc]]:
     return by_table
 
 
-def table_dtype(features: list[FeatureDesc], schema: pl.Schema) -> pl.DataType:
+def table_dtype(features: list[FeatureDesc], schema: pl.Schema) -> "PolarsDataType":
     """The dtype a table's raw values are compared in: theirs when all its features agree, else String."""
     if any(f.separator is not None for f in features):
         return pl.String()
-    dtypes = {schema[f.source].inner if isinstance(schema[f.source], pl.List) else schema[f.source] for f in features}
+    dtypes = {_element_dtype(schema[f.source]) for f in features}
     return dtypes.pop() if len(dtypes) == 1 else pl.String()
+
+
+def _element_dtype(dtype: "PolarsDataType") -> "PolarsDataType":
+    """A list's element dtype; any other dtype itself."""
+    return dtype.inner if isinstance(dtype, pl.List) else dtype
 
 
 def bucket(values: pl.Series, buckets: int) -> pl.Series:
@@ -62,6 +72,23 @@ def join_encoder(source: pl.Expr, mapping: pl.DataFrame, name: str) -> Encoder:
     return encode
 
 
+def _hash_lookup(values: pl.Expr, buckets: int) -> pl.Expr:
+    return values.map_batches(lambda s: bucket(s, buckets), return_dtype=pl.Int64)
+
+
+def _vocab_lookup(values: pl.Expr, vocab: pl.DataFrame) -> pl.Expr:
+    return values.replace_strict(vocab["value"], vocab["index"], default=0, return_dtype=pl.Int64)
+
+
+def _column_encoder(expr: pl.Expr, name: str) -> Encoder:
+    """Add `expr` as the encoded column of feature `name`."""
+
+    def encode(lf: pl.LazyFrame) -> pl.LazyFrame:
+        return lf.with_columns(expr.alias(ENCODED + name))
+
+    return encode
+
+
 def feature_encoders(
     desc: Description, tables: dict[str, TableSpec], vocabs: dict[str, pl.DataFrame], schema: pl.Schema
 ) -> dict[str, Encoder]:
@@ -75,19 +102,13 @@ def feature_encoders(
     encoders: dict[str, Encoder] = {}
     for name, features in features_by_table(desc).items():
         spec = tables[name]
+        lookup: Callable[[pl.Expr], pl.Expr]
         if spec.encoding == "hash":
             dtype = table_dtype(features, schema)
-
-            def lookup(values: pl.Expr, buckets: int = spec.num_embeddings - 1) -> pl.Expr:
-                return values.map_batches(lambda s: bucket(s, buckets), return_dtype=pl.Int64)
-
+            lookup = partial(_hash_lookup, buckets=spec.num_embeddings - 1)
         else:
-            vocab = vocabs[name]
-            dtype = vocab["value"].dtype
-
-            def lookup(values: pl.Expr, vocab: pl.DataFrame = vocab) -> pl.Expr:
-                return values.replace_strict(vocab["value"], vocab["index"], default=0, return_dtype=pl.Int64)
-
+            dtype = vocabs[name]["value"].dtype
+            lookup = partial(_vocab_lookup, vocab=vocabs[name])
         for f in features:
             values = raw_values(f)
             if f.kind == "multi_hot":
@@ -97,7 +118,7 @@ def feature_encoders(
             else:
                 encoders[f.name] = join_encoder(values.cast(dtype), vocabs[name], f.name)
                 continue
-            encoders[f.name] = lambda lf, expr=expr, name=f.name: lf.with_columns(expr.alias(ENCODED + name))
+            encoders[f.name] = _column_encoder(expr, f.name)
     return encoders
 
 
@@ -144,20 +165,19 @@ def scan_raw(files: list[Path], desc: Description, file_column: str | None = Non
         _check_parquet_files(files)
         return pl.scan_parquet(files, include_file_paths=file_column)
     if suffixes <= {".csv", ".tsv"}:
-        options = {
-            "separator": "\t" if suffixes == {".tsv"} else ",",
-            "null_values": list(desc.csv_null_values) or None,
-        }
+        separator = "\t" if suffixes == {".tsv"} else ","
+        null_values = list(desc.csv_null_values) or None
         for f in files:
-            with reading(f):
-                pl.scan_csv(f, **options).collect_schema()  # reads the header and the first rows
-        return pl.scan_csv(files, include_file_paths=file_column, **options)
+            with reading(f):  # reads the header and the first rows
+                pl.scan_csv(f, separator=separator, null_values=null_values).collect_schema()
+        return pl.scan_csv(files, separator=separator, null_values=null_values, include_file_paths=file_column)
     raise InputError(f"raw files must be .parquet, .csv or .tsv, got {sorted(suffixes)} in {files[0].parent}")
 
 
 def _check_parquet_files(files: list[Path]) -> None:
     """Refuse a parquet file that cannot be read, or whose columns or dtypes differ from the first file's."""
-    first, theirs = files[0], {}
+    first = files[0]
+    theirs: dict[str, pl.DataType] = {}
     for f in files:
         with reading(f):
             schema = dict(pl.read_parquet_schema(f))
@@ -186,9 +206,9 @@ def check_dtypes(available: pl.Schema, desc: Description, where: str) -> None:
         if f.kind == "dense" and not dtype.is_numeric():
             raise InputError(f"{where}: column {f.source!r} (dense {f.name!r}) has dtype {dtype}, expected numbers")
     for label in desc.labels:
-        dtype = available.get(label.source)
-        if dtype is not None and not dtype.is_numeric():
-            raise InputError(f"{where}: label column {label.source!r} has dtype {dtype}, expected numbers")
+        label_dtype = available.get(label.source)
+        if label_dtype is not None and not label_dtype.is_numeric():
+            raise InputError(f"{where}: label column {label.source!r} has dtype {label_dtype}, expected numbers")
 
 
 def _feature_column(f: FeatureDesc) -> pl.Expr:

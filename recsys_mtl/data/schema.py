@@ -172,6 +172,16 @@ class Schema:
     def table(self, name: str) -> TableSpec:
         return next(t for t in self.tables if t.name == name)
 
+    def feature_table(self, feature: FeatureSpec) -> TableSpec:
+        """The embedding table an id / multi-hot feature looks up.
+
+        Raises:
+            ValueError: `feature` is dense, so it looks up no table.
+        """
+        if feature.table is None:
+            raise ValueError(f"feature {feature.name!r} ({feature.kind}) has no embedding table")
+        return self.table(feature.table)
+
     @property
     def sparse_features(self) -> tuple[FeatureSpec, ...]:
         return tuple(f for f in self.features if f.kind != "dense")

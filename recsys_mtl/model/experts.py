@@ -48,6 +48,9 @@ class MixtureLevel(nn.Module):
     Expert order: the `num_shared` shared experts, then `num_task_experts` per task in task order.
     """
 
+    gate_mask: Tensor  # [G, E] buffers, registered in __init__
+    owner: Tensor  # [E]
+
     def __init__(
         self, in_dim: int, num_tasks: int, num_shared: int, num_task_experts: int, cfg: ModelConfig, shared_gate: bool
     ) -> None:

@@ -9,9 +9,10 @@ class CrossNet(nn.Module):
 
     def __init__(self, dim: int, num_layers: int) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(nn.Linear(dim, dim) for _ in range(num_layers))
-        for layer in self.layers:
+        layers = [nn.Linear(dim, dim) for _ in range(num_layers)]
+        for layer in layers:
             nn.init.zeros_(layer.bias)
+        self.layers = nn.ModuleList(layers)
 
     def forward(self, x0: Tensor) -> Tensor:
         x = x0

@@ -69,6 +69,11 @@ class MultiTaskLoss(nn.Module):
     exp(-s) * L + s / 2, with 0.5 * exp(-s) for regression), or gradnorm (weights updated by `gradnorm_step`).
     """
 
+    fixed_weights: Tensor  # [T] buffers, registered in __init__
+    regression_scale: Tensor
+    gradnorm_weights: Tensor
+    initial_losses: Tensor
+
     def __init__(self, cfg: Config, specs: tuple[TaskSpec, ...]) -> None:
         super().__init__()
         self.specs = specs

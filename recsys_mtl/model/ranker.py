@@ -15,6 +15,11 @@ from recsys_mtl.model.towers import TaskTower
 from recsys_mtl.text import TextFinetuner
 
 
+def autocast(cfg: Config, device: torch.device) -> torch.autocast:
+    """bf16 autocast of the dense network when `train.bf16` is set (losses are computed in fp32 regardless)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16)
+
+
 @dataclass
 class RankerOutput:
     """logits: task -> [B] (see tasks.predict for what each stands for); gate_weights: [B, T, E]."""

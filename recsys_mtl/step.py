@@ -1,8 +1,8 @@
-"""The trainer: sharded model, optimizers and multi-task loss for a config; a step is one scalar loss, one backward."""
+"""One training step: the Trainer (sharded model, optimizers, multi-task loss) and `train_step` (one scalar loss,
+one backward). The loop around it (validation, checkpoints, resume) is train.py."""
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -12,13 +12,12 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from recsys_mtl.config import Config
 from recsys_mtl.data.batch import Batch
 from recsys_mtl.data.loader import Dataset
-from recsys_mtl.data.schema import Schema
 from recsys_mtl.distributed import ShardedRanker, shard_model
 from recsys_mtl.model.embeddings import TEXT_TABLE_PREFIX, write_table
 from recsys_mtl.model.losses import MultiTaskLoss, active_tasks
-from recsys_mtl.model.ranker import MultiTaskRanker, RankerOutput
+from recsys_mtl.model.ranker import RankerOutput, autocast
+from recsys_mtl.run import build_ranker
 from recsys_mtl.tasks import TaskSpec, predict, task_specs
-from recsys_mtl.text import load_text_vectors, read_texts
 
 
 @dataclass
@@ -35,19 +34,6 @@ class Trainer:
     @property
     def model(self) -> torch.nn.Module:
         return self.sharded.model
-
-
-def build_ranker(
-    cfg: Config, folder: Path, schema: Schema, device: torch.device | None = None
-) -> tuple[MultiTaskRanker, dict[str, Tensor]]:
-    """The ranker for `cfg` (on the meta device unless `device` is given) and the text vectors of its frozen text
-    tables (empty without text or when BERT is fine-tuned inside the model)."""
-    use_text = cfg.model.text_dim > 0 and bool(schema.texts)
-    finetune = use_text and cfg.text.finetune_layers > 0
-    vectors = load_text_vectors(folder, schema, cfg.text) if use_text and not finetune else {}
-    texts = read_texts(folder, schema) if finetune else None
-    text_dims = {name: v.shape[1] for name, v in vectors.items()}
-    return MultiTaskRanker(cfg, schema, text_dims, texts, device), vectors
 
 
 def build_trainer(cfg: Config, dataset: Dataset, device: torch.device) -> Trainer:
@@ -69,11 +55,6 @@ def build_trainer(cfg: Config, dataset: Dataset, device: torch.device) -> Traine
         params = dict(loss.named_parameters())
         loss_optimizer = KeyedOptimizerWrapper(params, lambda p: torch.optim.Adam(p, lr=cfg.optim.lr))
     return Trainer(cfg, specs, sharded, loss, loss_optimizer, device)
-
-
-def autocast(cfg: Config, device: torch.device) -> torch.autocast:
-    """bf16 autocast of the dense network when `train.bf16` is set (losses are computed in fp32 regardless)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16)
 
 
 def forward(trainer: Trainer, batch: Batch) -> RankerOutput:
