@@ -32,7 +32,8 @@ COLD_FEATURE = "item_id"  # rows whose item was never seen in training (unknown 
 
 @dataclass
 class SplitPredictions:
-    """Predictions for every row of a split. values/labels/masks: name -> [N]; gate_weights: mean [T, E]."""
+    """Predictions for N rows of a split (all of them, or one batch's). values/labels/masks: name -> [N];
+    gate_weights: their mean [T, E]."""
 
     values: dict[str, Tensor]
     labels: dict[str, Tensor]
@@ -40,6 +41,20 @@ class SplitPredictions:
     keys: pl.DataFrame
     gate_weights: Tensor
     cold: Tensor | None  # [N] bool: the COLD_FEATURE id is unknown (0); None without that feature
+
+    @staticmethod
+    def concat(parts: "list[SplitPredictions]") -> "SplitPredictions":
+        """The rows of `parts`, in order (gate weights averaged over all their rows)."""
+        sizes = torch.tensor([float(len(p.keys)) for p in parts])  # [P]
+        gates = torch.stack([p.gate_weights for p in parts])  # [P, T, E]
+        return SplitPredictions(
+            values={k: torch.cat([p.values[k] for p in parts]) for k in parts[0].values},
+            labels={k: torch.cat([p.labels[k] for p in parts]) for k in parts[0].labels},
+            masks={k: torch.cat([p.masks[k] for p in parts]) for k in parts[0].masks},
+            keys=pl.concat([p.keys for p in parts]),
+            gate_weights=(gates * sizes[:, None, None]).sum(0) / sizes.sum(),  # [T, E]
+            cold=torch.cat([p.cold for p in parts]) if parts[0].cold is not None else None,
+        )
 
 
 @dataclass(frozen=True)
@@ -67,7 +82,7 @@ def predict_split(
     average_norm_statistics(model)
     steps = max(count_batches(dataset, split, batch_size, rank=r, world_size=world_size) for r in range(world_size))
     batches = read_batches(dataset, split, batch_size, rank=rank, world_size=world_size)
-    parts: list[dict] = []
+    parts: list[SplitPredictions] = []
     last = None
     was_training = model.training
     model.eval()
@@ -90,28 +105,20 @@ def predict_split(
         if rank != 0:
             return None
         parts = [part for rank_parts in gathered for part in rank_parts]
-    num_rows = sum(len(p["keys"]) for p in parts)
-    return SplitPredictions(
-        values={k: torch.cat([p["values"][k] for p in parts]) for k in parts[0]["values"]},
-        labels={k: torch.cat([p["labels"][k] for p in parts]) for k in parts[0]["labels"]},
-        masks={k: torch.cat([p["masks"][k] for p in parts]) for k in parts[0]["masks"]},
-        keys=pl.concat([p["keys"] for p in parts]),
-        gate_weights=torch.stack([p["gates"] for p in parts]).sum(0) / num_rows,
-        cold=torch.cat([p["cold"] for p in parts]) if parts[0]["cold"] is not None else None,
-    )
+    return SplitPredictions.concat(parts)
 
 
-def _part(specs: tuple[TaskSpec, ...], batch: Batch, output: RankerOutput) -> dict:
-    """One batch's share of a SplitPredictions, on the CPU."""
+def _part(specs: tuple[TaskSpec, ...], batch: Batch, output: RankerOutput) -> SplitPredictions:
+    """One batch's predictions, on the CPU."""
     has_cold = COLD_FEATURE in batch.sparse.keys()  # noqa: SIM118 (a KeyedJaggedTensor, not a dict)
-    return {
-        "values": {k: v.cpu() for k, v in predict(output.logits, specs).items()},
-        "labels": {k: v.cpu() for k, v in batch.labels.items()},
-        "masks": {k: v.cpu() for k, v in batch.masks.items()},
-        "keys": batch.keys,
-        "gates": output.gate_weights.float().sum(0).cpu(),  # [T, E]
-        "cold": batch.sparse[COLD_FEATURE].values().cpu() == 0 if has_cold else None,
-    }
+    return SplitPredictions(
+        values={k: v.cpu() for k, v in predict(output.logits, specs).items()},
+        labels={k: v.cpu() for k, v in batch.labels.items()},
+        masks={k: v.cpu() for k, v in batch.masks.items()},
+        keys=batch.keys,
+        gate_weights=output.gate_weights.float().mean(0).cpu(),  # [T, E]
+        cold=batch.sparse[COLD_FEATURE].values().cpu() == 0 if has_cold else None,
+    )
 
 
 def oracle_predictions(dataset: Dataset, keys: pl.DataFrame, specs: tuple[TaskSpec, ...]) -> dict[str, Tensor] | None:

@@ -60,6 +60,27 @@ class ScoreShard:
         return f"part-{self.index:05d}.parquet"
 
 
+@dataclass(frozen=True)
+class ScoringManifest:
+    """What a scoring job writes into OUT_DIR (scoring.json): the same job resumes there, another is refused."""
+
+    run: str
+    checkpoint: str
+    checkpoint_written_ns: int  # a retrained run differs
+    input: str
+    split: str | None  # None: raw rows
+    int8: bool
+    shards: tuple[ScoreShard, ...]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @property
+    def digest(self) -> str:
+        """Stamped into every shard's parquet metadata: a shard counts as done only if it carries it."""
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()
+
+
 @dataclass
 class ScoreSummary:
     """What one call scored (rows and shards summed over ranks)."""
@@ -168,22 +189,19 @@ def score(
     encoder = RawEncoder(scoring.cfg.dataset, side_dir) if raw else None
     if not raw:
         _check_prepared_input(inp, scoring.schema, split)
-    checkpoint = scoring.checkpoint
     files = input_files(inp, split, raw)
     check_output(out, *([inp] if inp.exists() else files))
-    shards = plan_shards(files, rows_per_shard)
-    manifest = {
-        "run": str(Path(run_dir).resolve()),
-        "checkpoint": str(checkpoint.resolve()),
-        "checkpoint_written_ns": (checkpoint / PROGRESS_FILE).stat().st_mtime_ns,  # a retrained run differs
-        "input": str(inp.resolve()),
-        "split": None if raw else split,
-        "int8": int8,
-        "shards": [asdict(s) for s in shards],
-    }
+    manifest = ScoringManifest(
+        run=str(Path(run_dir).resolve()),
+        checkpoint=str(scoring.checkpoint.resolve()),
+        checkpoint_written_ns=(scoring.checkpoint / PROGRESS_FILE).stat().st_mtime_ns,
+        input=str(inp.resolve()),
+        split=None if raw else split,
+        int8=int8,
+        shards=tuple(plan_shards(files, rows_per_shard)),
+    )
     with _claimed(out, manifest, overwrite):
-        digest = _digest(manifest)
-        summary = _score_shards(scoring, shards, out, digest, encoder, missing_text, batch_size, progress)
+        summary = _score_shards(scoring, manifest, out, encoder, missing_text, batch_size, progress)
     summary.seconds = time.perf_counter() - start
     summary.peak_memory_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     summary = _merge(summary, world_size)
@@ -196,19 +214,20 @@ def score(
 
 def _score_shards(
     scoring: TrainedRun,
-    shards: list[ScoreShard],
+    manifest: ScoringManifest,
     out: Path,
-    digest: str,
     encoder: RawEncoder | None,
     missing_text: MissingText,
     batch_size: int,
     progress: bool,
 ) -> ScoreSummary:
-    """Score this rank's unfinished shards into `out`, each stamped with `digest`; the summary of this rank."""
+    """Score this rank's unfinished shards of `manifest` into `out`, each stamped with its digest; this rank's
+    summary."""
     rank, world_size = world()
+    digest = manifest.digest
     cfg, schema, model = scoring.cfg, scoring.schema, scoring.model
     device = next(model.parameters()).device
-    mine = [s for s in shards if s.index % world_size == rank]
+    mine = [s for s in manifest.shards if s.index % world_size == rank]
     todo = [s for s in mine if not _finished(out / s.name, s.num_rows, digest)]
     summary = ScoreSummary(shards_skipped=len(mine) - len(todo))
     if summary.shards_skipped:
@@ -251,12 +270,8 @@ def _check_prepared_input(inp: Path, schema: Schema, split: str) -> None:
     check_dataset(inp, theirs, splits=(split,))
 
 
-def _digest(manifest: dict) -> str:
-    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
-
-
 @contextmanager
-def _claimed(out: Path, manifest: dict, overwrite: bool) -> Iterator[None]:
+def _claimed(out: Path, manifest: ScoringManifest, overwrite: bool) -> Iterator[None]:
     """Hold `out` for this job while the block runs: one writer (rank 0 holds the lock), nothing in it but this
     job's files, and its manifest recorded. Rank 0 decides; the other ranks raise the same error.
 
@@ -282,7 +297,7 @@ def _claimed(out: Path, manifest: dict, overwrite: bool) -> Iterator[None]:
         yield
 
 
-def _prepare_out(out: Path, manifest: dict, overwrite: bool) -> None:
+def _prepare_out(out: Path, manifest: ScoringManifest, overwrite: bool) -> None:
     """Check what `out` holds against `manifest`, clear old or stale shards, and write the manifest."""
     path = out / MANIFEST_FILE
     shards = sorted(out.glob("part-*.parquet"))
@@ -290,7 +305,7 @@ def _prepare_out(out: Path, manifest: dict, overwrite: bool) -> None:
     if foreign or (shards and not path.is_file()):
         names = ", ".join((foreign or [p.name for p in shards])[:3])
         raise OutputExistsError(f"{out} holds files that recsys-mtl score did not write ({names}); choose a new --out")
-    text = json.dumps(manifest, indent=1)
+    text = manifest.to_json()
     if path.is_file() and path.read_text() != text:
         if not overwrite:
             raise OutputExistsError(
