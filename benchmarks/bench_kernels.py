@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import best_of, print_table, write_results
 
 from recsys_mtl.config import ModelConfig, load_config
-from recsys_mtl.data.loader import Dataset, read_batches
+from recsys_mtl.data.loader import Dataset, ReadOrder, read_batches
 from recsys_mtl.distributed import init_process_group
 from recsys_mtl.model.experts import ExpertStack, Mixture
 from recsys_mtl.model.interaction import CrossNet
@@ -269,7 +269,9 @@ def full_step_rows(config: Path, device: torch.device, matmul_flops: float, quic
     num_batches = 6 if quick else 24
     batches = [
         b.to(device)
-        for _, b in zip(range(num_batches), read_batches(dataset, "train", BATCH, shuffle=True), strict=False)
+        for _, b in zip(
+            range(num_batches), read_batches(dataset, "train", BATCH, ReadOrder(shuffle=True)), strict=False
+        )
     ]
     state = {"i": 0}
 
@@ -282,7 +284,9 @@ def full_step_rows(config: Path, device: torch.device, matmul_flops: float, quic
         best_of(
             lambda: [
                 b.to(device)
-                for _, b in zip(range(num_batches), read_batches(dataset, "train", BATCH, shuffle=True), strict=False)
+                for _, b in zip(
+                    range(num_batches), read_batches(dataset, "train", BATCH, ReadOrder(shuffle=True)), strict=False
+                )
             ],
             3,
         )

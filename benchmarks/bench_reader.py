@@ -21,13 +21,13 @@ from common import best_of, print_table, write_results
 from data_prep.description import load_description
 from data_prep.prepare import prepare
 from data_prep.synth import WorldConfig, generate_world
-from recsys_mtl.data.loader import Dataset, read_batches
+from recsys_mtl.data.loader import Dataset, ReadOrder, read_batches
 
 
-def _drain(dataset: Dataset, device: torch.device, **kwargs: object) -> int:
+def _drain(dataset: Dataset, device: torch.device, batch_size: int, order: ReadOrder) -> int:
     rows = 0
-    for batch in read_batches(dataset, "train", **kwargs):
-        batch = batch.to(device, non_blocking=True)
+    for batch in read_batches(dataset, "train", batch_size, order):
+        batch = batch.to(device)
         rows += len(batch)
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -71,15 +71,13 @@ def main() -> None:
         dataset = Dataset(out)
         num_rows = dataset.num_rows("train")
         rows = []
-        for name, kwargs in [
-            ("reader, in order", {}),
-            ("reader, shuffled", {"shuffle": True}),
-            ("reader, rank 0 of 2, shuffled", {"shuffle": True, "rank": 0, "world_size": 2}),
+        for name, order in [
+            ("reader, in order", ReadOrder()),
+            ("reader, shuffled", ReadOrder(shuffle=True)),
+            ("reader, rank 0 of 2, shuffled", ReadOrder(0, 2, shuffle=True)),
         ]:
-            read = _drain(dataset, device, batch_size=args.batch_size, **kwargs)
-            seconds = best_of(
-                lambda kwargs=kwargs: _drain(dataset, device, batch_size=args.batch_size, **kwargs), args.repeats
-            )
+            read = _drain(dataset, device, args.batch_size, order)
+            seconds = best_of(lambda order=order: _drain(dataset, device, args.batch_size, order), args.repeats)
             rows.append({"reader": name, "rows": read, "seconds": seconds, "rows_per_s": read / seconds})
         baseline_rows = min(args.baseline_rows, num_rows)
         seconds = best_of(lambda: _per_row_baseline(dataset, args.batch_size, baseline_rows), 1)

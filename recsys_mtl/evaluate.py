@@ -15,7 +15,7 @@ from torch import Tensor
 
 from recsys_mtl.config import Config
 from recsys_mtl.data.batch import Batch
-from recsys_mtl.data.loader import Dataset, count_batches, read_batches
+from recsys_mtl.data.loader import Dataset, ReadOrder, count_batches, read_batches
 from recsys_mtl.distributed import average_norm_statistics, world
 from recsys_mtl.errors import InputError, MissingInputError, reading
 from recsys_mtl.files import atomic_write_text
@@ -53,7 +53,7 @@ class SplitPredictions:
             masks={k: torch.cat([p.masks[k] for p in parts]) for k in parts[0].masks},
             keys=pl.concat([p.keys for p in parts]),
             gate_weights=(gates * sizes[:, None, None]).sum(0) / sizes.sum(),  # [T, E]
-            cold=torch.cat([p.cold for p in parts]) if parts[0].cold is not None else None,
+            cold=torch.cat([p.cold for p in parts if p.cold is not None]) if parts[0].cold is not None else None,
         )
 
 
@@ -80,8 +80,8 @@ def predict_split(
     rank, world_size = world()
     model = predictor.model
     average_norm_statistics(model)
-    steps = max(count_batches(dataset, split, batch_size, rank=r, world_size=world_size) for r in range(world_size))
-    batches = read_batches(dataset, split, batch_size, rank=rank, world_size=world_size)
+    steps = max(count_batches(dataset, split, batch_size, ReadOrder(r, world_size)) for r in range(world_size))
+    batches = read_batches(dataset, split, batch_size, ReadOrder(rank, world_size))
     parts: list[SplitPredictions] = []
     last = None
     was_training = model.training
@@ -102,7 +102,7 @@ def predict_split(
     if world_size > 1:
         gathered: list | None = [None] * world_size if rank == 0 else None
         dist.gather_object(parts, gathered, dst=0)
-        if rank != 0:
+        if gathered is None:  # not rank 0
             return None
         parts = [part for rank_parts in gathered for part in rank_parts]
     return SplitPredictions.concat(parts)

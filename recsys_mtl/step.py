@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.optim.keyed import KeyedOptimizerWrapper
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -32,7 +33,7 @@ class Trainer:
     device: torch.device
 
     @property
-    def model(self) -> torch.nn.Module:
+    def model(self) -> DistributedModelParallel:
         return self.sharded.model
 
 
@@ -113,7 +114,8 @@ def _task_grad_norms(trainer: Trainer, task_means: Tensor) -> Tensor:
     norms = []
     for mean in task_means:
         grads = torch.autograd.grad(mean, shared, retain_graph=True, allow_unused=True)
-        norms.append(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None) + 1e-12))
+        squares = sum(((g.float() ** 2).sum() for g in grads if g is not None), torch.zeros((), device=mean.device))
+        norms.append(torch.sqrt(squares + 1e-12))
     return torch.stack(norms)
 
 

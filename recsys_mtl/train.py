@@ -14,9 +14,11 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 from tqdm import tqdm
 
 from recsys_mtl.checkpoint import (
@@ -30,7 +32,7 @@ from recsys_mtl.checkpoint import (
 )
 from recsys_mtl.config import Config, load_config
 from recsys_mtl.data.batch import Batch
-from recsys_mtl.data.loader import Dataset, count_batches, read_batches
+from recsys_mtl.data.loader import Dataset, ReadOrder, count_batches, read_batches
 from recsys_mtl.distributed import average_norm_statistics, init_process_group, world
 from recsys_mtl.errors import InputError, MissingInputError, OutputExistsError
 from recsys_mtl.evaluate import Predictor, split_metrics
@@ -260,7 +262,7 @@ def _resume(trainer: Trainer, last: Path, expected: dict) -> Progress:
             optimizer.init_state()  # create the state tensors the checkpoint is loaded into
     state = training_state(trainer)
     load_checkpoint(last, state)
-    torch.set_rng_state(state["rng"])
+    torch.set_rng_state(cast(Tensor, state["rng"]))
     log.info("resumed %s at step %d (epoch %d, batch %d)", last, position.step, position.epoch, position.batch)
     return position
 
@@ -270,21 +272,13 @@ def _fit(run: _Run) -> bool:
     cfg, position = run.cfg.train, run.progress
     rank, world_size = world()
     while position.epoch < cfg.epochs:
-        reading = {"shuffle": True, "seed": cfg.seed, "epoch": position.epoch, "drop_last": world_size > 1}
+        order = ReadOrder(rank, world_size, shuffle=True, seed=cfg.seed, epoch=position.epoch, drop_last=world_size > 1)
         # every rank takes the same number of steps (the sharded tables' collectives must stay in step)
         steps = min(
-            count_batches(run.dataset, "train", cfg.batch_size, rank=r, world_size=world_size, **reading)
+            count_batches(run.dataset, "train", cfg.batch_size, dataclasses.replace(order, rank=r))
             for r in range(world_size)
         )
-        batches = read_batches(
-            run.dataset,
-            "train",
-            cfg.batch_size,
-            rank=rank,
-            world_size=world_size,
-            start_batch=position.batch,
-            **reading,
-        )
+        batches = read_batches(run.dataset, "train", cfg.batch_size, order, start_batch=position.batch)
         epoch = position.epoch
         for batch in itertools.islice(batches, max(steps - position.batch, 0)):
             _step(run, batch)
@@ -303,7 +297,7 @@ def _step(run: _Run, batch: Batch) -> None:
     """One training step: the update, its loss checked, the log line."""
     position, cfg = run.progress, run.cfg.train
     set_learning_rate(run.trainer, position.step, run.total_steps)
-    step_metrics = train_step(run.trainer, batch.to(run.trainer.device, non_blocking=True), position.step)
+    step_metrics = train_step(run.trainer, batch.to(run.trainer.device), position.step)
     position.step += 1
     position.batch += 1
     check_finite(step_metrics, position.step)

@@ -6,7 +6,7 @@ import polars as pl
 import pytest
 import torch
 
-from recsys_mtl.data.loader import Dataset, read_batches
+from recsys_mtl.data.loader import Dataset, ReadOrder, read_batches
 from recsys_mtl.score import score
 from recsys_mtl.step import build_trainer, predict_batch, train_step
 from recsys_mtl.train import train
@@ -24,7 +24,7 @@ def test_cuda_training_lowers_the_loss_with_fused_gpu_kernels(text_dataset: Path
     cuda = torch.device("cuda")
     trainer = build_trainer(tiny_config(text_dataset, tiny_bert, train={"bf16": bf16}), dataset, cuda)
     first, last = None, None
-    for step, batch in enumerate(read_batches(dataset, "train", 512, shuffle=True)):
+    for step, batch in enumerate(read_batches(dataset, "train", 512, ReadOrder(shuffle=True))):
         metrics = train_step(trainer, batch.to(cuda), step)
         first = metrics["ctr/loss"] if first is None else first
         last = metrics["ctr/loss"]

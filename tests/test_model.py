@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from recsys_mtl.data.loader import Dataset, read_batches
+from recsys_mtl.data.loader import Dataset, ReadOrder, read_batches
 from recsys_mtl.errors import InputError
 from recsys_mtl.metrics import auc
 from recsys_mtl.model.embeddings import TEXT_TABLE_PREFIX, read_table
@@ -19,7 +19,7 @@ def _trainer(text_dataset: Path, tiny_bert: Path, **sections: dict) -> tuple[Tra
 
 
 def _batch(dataset: Dataset, size: int = 512, split: str = "train"):
-    return next(read_batches(dataset, split, size, shuffle=True, seed=3))
+    return next(read_batches(dataset, split, size, ReadOrder(shuffle=True, seed=3)))
 
 
 def test_ranker_outputs_a_logit_per_task_and_gates_that_sum_to_one(text_dataset: Path, tiny_bert: Path) -> None:
@@ -86,7 +86,7 @@ def test_alternating_step_trains_only_its_task_tower(text_dataset: Path, tiny_be
 def _train_and_score(trainer: Trainer, dataset: Dataset, epochs: int) -> float:
     step = 0
     for epoch in range(epochs):
-        for batch in read_batches(dataset, "train", 256, shuffle=True, epoch=epoch):
+        for batch in read_batches(dataset, "train", 256, ReadOrder(shuffle=True, epoch=epoch)):
             train_step(trainer, batch, step)
             step += 1
     scores, labels = [], []

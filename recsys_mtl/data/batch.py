@@ -29,20 +29,12 @@ class Batch:
     def __len__(self) -> int:
         return self.dense.shape[0]
 
-    def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
+    def to(self, device: torch.device) -> "Batch":
+        """The batch with its tensors on `device` (the keys stay a CPU frame)."""
         return Batch(
-            sparse=self.sparse.to(device, non_blocking=non_blocking),
-            dense=self.dense.to(device, non_blocking=non_blocking),
-            labels={t: v.to(device, non_blocking=non_blocking) for t, v in self.labels.items()},
-            masks={t: m.to(device, non_blocking=non_blocking) for t, m in self.masks.items()},
-            keys=self.keys,
-        )
-
-    def pin_memory(self) -> "Batch":
-        return Batch(
-            sparse=self.sparse.pin_memory(),
-            dense=self.dense.pin_memory(),
-            labels={t: v.pin_memory() for t, v in self.labels.items()},
-            masks={t: m.pin_memory() for t, m in self.masks.items()},
+            sparse=self.sparse.to(device),
+            dense=self.dense.to(device),
+            labels={t: v.to(device) for t, v in self.labels.items()},
+            masks={t: m.to(device) for t, m in self.masks.items()},
             keys=self.keys,
         )

@@ -116,53 +116,64 @@ class BatchBuilder:
             return (dense - self.mean) / self.std
 
 
+@dataclass(frozen=True)
+class ReadOrder:
+    """Which rows a reader takes and in what order; `read_batches` and `count_batches` take the same one.
+
+    rank / world_size: this reader takes the rank-th of world_size contiguous parts of the row groups. shuffle:
+    permute the row groups (the same permutation on every rank) and the rows within windows of row groups, seeded by
+    (seed, epoch). drop_last: drop the final partial batch.
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    shuffle: bool = False
+    seed: int = 0
+    epoch: int = 0
+    drop_last: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank must be in [0, world_size={self.world_size}), got {self.rank}")
+
+    def generator(self) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.epoch])
+
+
 def read_batches(
     dataset: Dataset,
     split: str,
     batch_size: int,
+    order: ReadOrder = ReadOrder(),
     *,
-    rank: int = 0,
-    world_size: int = 1,
-    shuffle: bool = False,
-    seed: int = 0,
-    epoch: int = 0,
-    drop_last: bool = False,
     shuffle_window: int = 4,
     start_batch: int = 0,
 ) -> Iterator[Batch]:
-    """Stream `split` as Batches of `batch_size` rows (the last one smaller unless `drop_last`).
+    """Stream `split` as Batches of `batch_size` rows (the last one smaller unless `order.drop_last`).
 
     Args:
         dataset: an opened prepared dataset.
         split: "train", "valid" or "test".
         batch_size: rows per batch.
-        rank: this process's rank; it reads the rank-th of world_size contiguous parts of the row groups.
-        world_size: number of readers sharing the split.
-        shuffle: permute the row groups (the same permutation on every rank) and rows within a window of
-            `shuffle_window` row groups, seeded by (seed, epoch).
-        seed: shuffling seed.
-        epoch: varies the permutation from one epoch to the next.
-        drop_last: drop the final partial batch.
+        order: which part of the split, shuffled or not (see ReadOrder).
         shuffle_window: row groups mixed together when shuffling rows.
         start_batch: skip this many batches first (resuming mid-epoch); they are read but not built.
 
     Raises:
-        ValueError: bad batch_size, rank or world_size.
+        ValueError: bad batch_size.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
-    rng = np.random.default_rng([seed, epoch])
-    mine = rank_row_groups(dataset, split, rank, world_size, rng if shuffle else None)
+    rng = order.generator()
+    mine = rank_row_groups(dataset, split, order.rank, order.world_size, rng if order.shuffle else None)
     build = BatchBuilder(dataset.schema)
     columns = build.columns
-    window = shuffle_window if shuffle else 1
+    window = shuffle_window if order.shuffle else 1
     pending: pl.DataFrame | None = None
     for start in range(0, len(mine), window):
         frames = [_read_row_group(group, columns) for group in mine[start : start + window]]
         frame = pl.concat(frames, rechunk=False)
-        if shuffle:
+        if order.shuffle:
             frame = frame[rng.permutation(frame.height)]
         if pending is not None:
             frame = pl.concat([pending, frame], rechunk=False)
@@ -173,7 +184,7 @@ def read_batches(
                 continue
             yield build(frame.slice(offset, batch_size))
         pending = frame.slice(num_full) if num_full < frame.height else None
-    if pending is not None and not drop_last and start_batch == 0:
+    if pending is not None and not order.drop_last and start_batch == 0:
         yield build(pending)
 
 
@@ -196,22 +207,11 @@ def rank_row_groups(
     return mine
 
 
-def count_batches(
-    dataset: Dataset,
-    split: str,
-    batch_size: int,
-    *,
-    rank: int = 0,
-    world_size: int = 1,
-    drop_last: bool = False,
-    shuffle: bool = False,
-    seed: int = 0,
-    epoch: int = 0,
-) -> int:
+def count_batches(dataset: Dataset, split: str, batch_size: int, order: ReadOrder = ReadOrder()) -> int:
     """How many batches `read_batches` yields with the same arguments (from the row-group sizes, without reading)."""
-    rng = np.random.default_rng([seed, epoch]) if shuffle else None
-    rows = sum(g.num_rows for g in rank_row_groups(dataset, split, rank, world_size, rng))
-    return rows // batch_size if drop_last else -(-rows // batch_size)
+    rng = order.generator() if order.shuffle else None
+    rows = sum(g.num_rows for g in rank_row_groups(dataset, split, order.rank, order.world_size, rng))
+    return rows // batch_size if order.drop_last else -(-rows // batch_size)
 
 
 def _read_row_group(group: RowGroup, columns: list[str]) -> pl.DataFrame:

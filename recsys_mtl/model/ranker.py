@@ -1,15 +1,17 @@
 """MultiTaskRanker: embeddings + text + dense -> mixture of experts -> one tower per task."""
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor, nn
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from recsys_mtl.config import Config, Freezable
 from recsys_mtl.data.batch import Batch
 from recsys_mtl.data.schema import Schema
 from recsys_mtl.model.embeddings import build_ebc, build_text_ebc
-from recsys_mtl.model.experts import Mixture
+from recsys_mtl.model.experts import Mixture, MixtureLevel
 from recsys_mtl.model.interaction import CrossNet
 from recsys_mtl.model.towers import TaskTower
 from recsys_mtl.text import TextFinetuner
@@ -57,8 +59,8 @@ class MultiTaskRanker(nn.Module):
         self.num_sparse = len(self.sparse_names)
         self.ebc = build_ebc(schema, device or torch.device("meta"))
         self.text_names = [t.name for t in schema.texts] if cfg.model.text_dim > 0 else []
-        self.text_ebc = None
-        self.text_finetuner = None
+        self.text_ebc: EmbeddingBagCollection | None = None
+        self.text_finetuner: TextFinetuner | None = None
         if self.text_names and cfg.text.finetune_layers > 0:
             self.text_finetuner = TextFinetuner(cfg.text, texts or {})
             text_dims = dict.fromkeys(self.text_names, self.text_finetuner.dim)
@@ -68,7 +70,7 @@ class MultiTaskRanker(nn.Module):
             {name: nn.Linear(text_dims[name], cfg.model.text_dim) for name in self.text_names}
         )
         self.dense_mlp = _mlp(len(schema.dense_features), cfg.model.dense_dims) if schema.dense_features else None
-        in_dim = sum(schema.table(f.table).embedding_dim for f in schema.sparse_features)
+        in_dim = sum(schema.feature_table(f).embedding_dim for f in schema.sparse_features)
         in_dim += cfg.model.text_dim * len(self.text_names)
         in_dim += (
             cfg.model.dense_dims[-1] if schema.dense_features and cfg.model.dense_dims else len(schema.dense_features)
@@ -114,6 +116,7 @@ class MultiTaskRanker(nn.Module):
             ids = {name: jt.values() for name, jt in text_kjt.to_dict().items()}
             vectors = self.text_finetuner(ids)
         else:
+            assert self.text_ebc is not None  # text_names without a finetuner: built in __init__
             vectors = self.text_ebc(text_kjt).to_dict()  # [B, D_text] each; frozen: no gradient flows back
             vectors = {name: v.detach() for name, v in vectors.items()}
         return [self.text_projections[name](vectors[name]) for name in self.text_names]
@@ -130,9 +133,9 @@ class MultiTaskRanker(nn.Module):
         return RankerOutput(logits=logits, gate_weights=gate_weights)
 
     def tower_weights(self) -> list[Tensor]:
-        return [w for tower in self.towers.values() for w in tower.weight_matrices()]
+        return [w for tower in self.towers.values() for w in cast(TaskTower, tower).weight_matrices()]
 
     def shared_parameters(self) -> list[Tensor]:
         """The last shared layer (GradNorm measures each task's gradient there)."""
-        experts = self.mixture.levels[-1].experts
+        experts = cast(MixtureLevel, self.mixture.levels[-1]).experts
         return [experts.weights[-1]]
