@@ -21,7 +21,7 @@ from recsys_mtl.errors import InputError, MissingInputError, reading
 from recsys_mtl.files import atomic_write_text
 from recsys_mtl.metrics import auc, task_metrics
 from recsys_mtl.model.ranker import RankerOutput, autocast
-from recsys_mtl.report import write_report
+from recsys_mtl.report import CalibrationCurve, EvaluationDetails, write_report
 from recsys_mtl.run import load_run
 from recsys_mtl.tasks import TaskSpec, add_joint, predict
 
@@ -202,13 +202,13 @@ def cold_metrics(preds: SplitPredictions, specs: tuple[TaskSpec, ...]) -> dict[s
     return out
 
 
-def calibration_curve(preds: SplitPredictions, task: str) -> dict[str, list[float]]:
+def calibration_curve(preds: SplitPredictions, task: str) -> CalibrationCurve:
     """Mean prediction and mean label in equal-count bins of the prediction (for a binary task)."""
     mask = preds.masks[task]
     p, y = preds.values[task][mask].double(), preds.labels[task][mask].double()
     order = torch.argsort(p)
     bins = [b for b in torch.tensor_split(order, CALIBRATION_BINS) if len(b)]
-    return {"predicted": [float(p[b].mean()) for b in bins], "observed": [float(y[b].mean()) for b in bins]}
+    return CalibrationCurve([float(p[b].mean()) for b in bins], [float(y[b].mean()) for b in bins])
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -228,16 +228,16 @@ def evaluate_run(run_dir: Path, split: str, device: torch.device, baselines: tup
     if preds is None:  # not rank 0: rank 0 writes the files
         return metrics
     binary = [s.name for s in run.specs if s.task_kind == "binary"]
-    details = {
-        "num_rows": len(preds.keys),
-        "arch": run.cfg.model.arch,
-        "tasks": list(run.cfg.task_names),
-        "experts": run.model.mixture.expert_names,
-        "gate_weights": preds.gate_weights.tolist(),
-        "calibration": {task: calibration_curve(preds, task) for task in binary},
-    }
+    details = EvaluationDetails(
+        num_rows=len(preds.keys),
+        arch=run.cfg.model.arch,
+        tasks=list(run.cfg.task_names),
+        experts=list(run.model.mixture.expert_names),
+        gate_weights=preds.gate_weights.tolist(),
+        calibration={task: calibration_curve(preds, task) for task in binary},
+    )
     write_json(run_dir / f"metrics_{split}.json", metrics)
-    write_json(run_dir / f"details_{split}.json", details)
+    write_json(run_dir / f"details_{split}.json", dataclasses.asdict(details))
     others = {}
     for baseline in baselines:
         path = Path(baseline) / f"metrics_{split}.json"

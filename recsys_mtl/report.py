@@ -2,6 +2,7 @@
 learning curves, expert utilisation (mean gate weight per task x expert) and calibration."""
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -12,6 +13,26 @@ import matplotlib.pyplot as plt
 from recsys_mtl.files import atomic_write_text
 from recsys_mtl.metrics import format_metric
 from recsys_mtl.tasks import is_headline
+
+
+@dataclass(frozen=True)
+class CalibrationCurve:
+    """Mean prediction and mean label in equal-count bins of the prediction."""
+
+    predicted: list[float]
+    observed: list[float]
+
+
+@dataclass(frozen=True)
+class EvaluationDetails:
+    """What the report shows beside the metrics (evaluate writes it as details_<split>.json)."""
+
+    num_rows: int
+    arch: str
+    tasks: list[str]
+    experts: list[str]
+    gate_weights: list[list[float]]  # the mean gate weight of each task on each expert, [T][E]
+    calibration: dict[str, CalibrationCurve]  # binary task -> its curve
 
 
 def metrics_table(metrics: dict[str, float], baselines: dict[str, dict[str, float]]) -> str:
@@ -54,8 +75,8 @@ def _learning_curves(run_dir: Path, path: Path) -> bool:
     return True
 
 
-def _utilisation(details: dict, path: Path) -> None:
-    weights, tasks, experts = details["gate_weights"], details["tasks"], details["experts"]
+def _utilisation(details: EvaluationDetails, path: Path) -> None:
+    weights, tasks, experts = details.gate_weights, details.tasks, details.experts
     fig, ax = plt.subplots(figsize=(1.2 + 0.7 * len(experts), 1.2 + 0.5 * len(tasks)))
     image = ax.imshow(weights, cmap="viridis", vmin=0, vmax=max(max(r) for r in weights))
     ax.set_xticks(range(len(experts)), experts, rotation=45, ha="right")
@@ -70,12 +91,12 @@ def _utilisation(details: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _calibration(curves: dict[str, dict[str, list[float]]], path: Path) -> None:
+def _calibration(curves: dict[str, CalibrationCurve], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    top = max(max(c["predicted"] + c["observed"]) for c in curves.values())
+    top = max(max(c.predicted + c.observed) for c in curves.values())
     ax.plot([0, top], [0, top], color="grey", linestyle="--", label="perfect")
     for task, curve in curves.items():
-        ax.plot(curve["predicted"], curve["observed"], marker="o", label=task)
+        ax.plot(curve.predicted, curve.observed, marker="o", label=task)
     ax.set(title="calibration (deciles of the prediction)", xlabel="mean predicted", ylabel="observed rate")
     ax.legend()
     fig.tight_layout()
@@ -84,14 +105,18 @@ def _calibration(curves: dict[str, dict[str, list[float]]], path: Path) -> None:
 
 
 def write_report(
-    run_dir: Path, split: str, metrics: dict[str, float], details: dict, baselines: dict[str, dict[str, float]]
+    run_dir: Path,
+    split: str,
+    metrics: dict[str, float],
+    details: EvaluationDetails,
+    baselines: dict[str, dict[str, float]],
 ) -> Path:
     """Write report_<split>.md and its PNGs into `run_dir`. Returns the markdown path."""
     run_dir = Path(run_dir)
     parts = [
         f"# Report: {run_dir.name} on the {split} split",
         "",
-        f"Rows: {details['num_rows']:,}. Tasks: {', '.join(details['tasks'])}. Architecture: {details['arch']}.",
+        f"Rows: {details.num_rows:,}. Tasks: {', '.join(details.tasks)}. Architecture: {details.arch}.",
         "",
         "## Metrics",
         "",
@@ -105,10 +130,10 @@ def write_report(
     ]
     if _learning_curves(run_dir, run_dir / "learning_curves.png"):
         parts += ["## Learning curves", "", "![learning curves](learning_curves.png)", ""]
-    if details["experts"] and len(details["experts"]) > 1:
+    if len(details.experts) > 1:
         _utilisation(details, run_dir / f"expert_utilisation_{split}.png")
         parts += ["## Expert utilisation", "", f"![expert utilisation](expert_utilisation_{split}.png)", ""]
-    curves = {task: curve for task, curve in details["calibration"].items() if curve["predicted"]}  # rows labelled
+    curves = {task: curve for task, curve in details.calibration.items() if curve.predicted}  # rows labelled
     if curves:
         _calibration(curves, run_dir / f"calibration_{split}.png")
         parts += ["## Calibration", "", f"![calibration](calibration_{split}.png)", ""]

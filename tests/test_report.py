@@ -1,7 +1,7 @@
 import math
 from pathlib import Path
 
-from recsys_mtl.report import metrics_table, write_report
+from recsys_mtl.report import CalibrationCurve, EvaluationDetails, metrics_table, write_report
 
 
 def test_undefined_metrics_show_as_a_dash() -> None:
@@ -10,14 +10,14 @@ def test_undefined_metrics_show_as_a_dash() -> None:
 
 
 def test_report_without_labelled_rows_for_a_task_is_written(tmp_path: Path) -> None:
-    details = {
-        "num_rows": 3,
-        "arch": "mmoe",
-        "tasks": ["ctr", "cvr"],
-        "experts": ["e0"],
-        "gate_weights": [[1.0], [1.0]],
-        "calibration": {"ctr": {"predicted": [0.2], "observed": [0.0]}, "cvr": {"predicted": [], "observed": []}},
-    }
+    details = EvaluationDetails(
+        num_rows=3,
+        arch="mmoe",
+        tasks=["ctr", "cvr"],
+        experts=["e0"],
+        gate_weights=[[1.0], [1.0]],
+        calibration={"ctr": CalibrationCurve([0.2], [0.0]), "cvr": CalibrationCurve([], [])},
+    )
     path = write_report(tmp_path, "test", {"ctr/auc": math.nan, "cvr/auc_clicked": math.nan}, details, {})
     text = path.read_text()
     assert "| ctr/auc | — |" in text
