@@ -4,6 +4,7 @@ import json
 import platform
 import time
 from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
@@ -42,11 +43,35 @@ def _fmt(value: object) -> str:
     return str(value)
 
 
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")  # what decides the matmul dtype's speed
+
+
+def machine() -> dict[str, object]:
+    """The CPU model, its speed-relevant flags, threads and library versions, for every results file."""
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    fields = dict(line.split(":", 1) for line in cpuinfo.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    try:
+        fbgemm = version("fbgemm_gpu_cpu")
+    except PackageNotFoundError:  # the CUDA build
+        fbgemm = version("fbgemm_gpu")
+    return {
+        "machine": platform.machine(),
+        "cpu": fields.get("model name", platform.processor()),
+        "cpu_flags": [f for f in SPEED_FLAGS if f in flags],
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "fbgemm": fbgemm,
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+
+
 def write_results(name: str, rows: list[dict], markdown: str = "", **meta: object) -> Path:
     """benchmarks/results/<name>.json (meta + rows) and, given the printed tables, <name>.md."""
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.json"
-    info = {"machine": platform.machine(), "cpus": torch.get_num_threads(), "torch": torch.__version__, **meta}
+    info = {**machine(), **meta}
     path.write_text(json.dumps({"meta": info, "rows": rows}, indent=2) + "\n")
     if markdown:
         command = f"`{meta['command']}`\n" if "command" in meta else ""
