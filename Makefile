@@ -78,6 +78,7 @@ bench: $(STAMP) $(BENCH_DATA) ## quick benchmark suite, 6 min here (DEVICE=cpu|c
 	$(BIN)/python benchmarks/bench_scaling.py --device $(DEVICE) --sizes 1e5,1e6,1e7 --batches 1024,4096 --steps 6
 	$(BIN)/python benchmarks/bench_scale.py --device $(DEVICE) --steps 120
 	$(BIN)/python benchmarks/bench_reader.py --device $(DEVICE) --impressions 1000000 --repeats 2
+	$(BIN)/python benchmarks/bench_health.py --device $(DEVICE)
 	$(BIN)/python benchmarks/bench_peers.py --quick --datasets default,ali
 
 bench-full: $(STAMP) $(BENCH_DATA) ## every benchmark at full size (about an hour on 2 cores): the README's tables

@@ -76,7 +76,7 @@ def _train(args: argparse.Namespace) -> None:
     from recsys_mtl.config import load_config
     from recsys_mtl.distributed import process_group
     from recsys_mtl.errors import InputError
-    from recsys_mtl.metrics import format_metric
+    from recsys_mtl.metrics import format_metric, is_task_metric
     from recsys_mtl.train import train
 
     cfg = load_config(args.config, args.set)
@@ -89,9 +89,7 @@ def _train(args: argparse.Namespace) -> None:
         result = train(cfg, run_dir, device, resume=args.resume, progress=not args.quiet)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
         return
-    best = ", ".join(
-        f"{k} {format_metric(v)}" for k, v in result.best.items() if not k.startswith(("oracle/", "ratio/"))
-    )
+    best = ", ".join(f"{k} {format_metric(v)}" for k, v in result.best.items() if is_task_metric(k))
     print(f"trained {result.steps} steps into {run_dir}" + (" (stopped early)" if result.stopped_early else ""))
     print(f"best validation: {best}")
 
@@ -99,17 +97,24 @@ def _train(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     from recsys_mtl.distributed import process_group
     from recsys_mtl.evaluate import evaluate_run
-    from recsys_mtl.metrics import format_metric
+    from recsys_mtl.metrics import MixtureHealth, format_metric, is_task_metric
 
     device = _device(args.device)
     with process_group(device):
         metrics = evaluate_run(args.run_dir, args.split, device, tuple(args.baselines))
     print(f"{'metric':<28}{'model':>10}{'oracle':>10}{'ratio':>8}")
     for name, value in metrics.items():
-        if not name.startswith(("oracle/", "ratio/")):
+        if is_task_metric(name):
             oracle, ratio = metrics.get(f"oracle/{name}"), metrics.get(f"ratio/{name}")
             extra = f"{format_metric(oracle):>10}{format_metric(ratio, 3):>8}" if oracle is not None else ""
             print(f"{name:<28}{format_metric(value):>10}{extra}")
+    health = MixtureHealth.from_metrics(metrics)
+    if health is not None:
+        print(f"\n{'gates':<10}{'entropy':>8}{'max':>7}  load per expert")
+        for task, loads in health.loads.items():
+            entropy, top = format_metric(health.entropy[task], 3), format_metric(health.max_entropy(task), 3)
+            print(f"{task:<10}{entropy:>8}{top:>7}  " + " ".join(f"{e} {w:.2f}" for e, w in loads.items()))
+        print(f"dead experts: {health.dead_share:.0%}" + (f" ({', '.join(health.dead())})" if health.dead() else ""))
     print(f"wrote {args.run_dir / f'metrics_{args.split}.json'} and {args.run_dir / f'report_{args.split}.md'}")
 
 

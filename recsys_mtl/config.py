@@ -139,6 +139,7 @@ class TrainConfig:
     id_dropout: float = 0.0  # chance that an id of `id_dropout_features` is replaced by the unknown id 0 in training
     id_dropout_features: tuple[str, ...] = ("item_id", "ad_id")  # so that unseen (cold) items are ranked from text
     log_every: int = 50  # steps between training-loss log lines
+    conflict_every: int = 50  # steps between measures of the tasks' gradient conflict ("health" lines); 0: never
     eval_every: int = 0  # steps between validations; 0: at the end of every epoch
     checkpoint_every: int = 0  # steps between checkpoints; 0: at every validation and at the end
     checkpoint_minutes: float = 10.0  # also a checkpoint when this long has passed since the last one; 0: never
@@ -150,6 +151,8 @@ class TrainConfig:
             raise ValueError(f"train.id_dropout must be in [0, 1), got {self.id_dropout}")
         if min(self.log_every, self.patience) < 1 or min(self.eval_every, self.checkpoint_every) < 0:
             raise ValueError("train: log_every and patience must be >= 1, eval_every and checkpoint_every >= 0")
+        if self.conflict_every < 0:
+            raise ValueError(f"train.conflict_every must be >= 0 (0: never), got {self.conflict_every}")
         if self.checkpoint_minutes < 0:
             raise ValueError(f"train.checkpoint_minutes must be >= 0, got {self.checkpoint_minutes}")
         if self.batch_size < 1 or self.epochs < 1 or self.max_steps < 0:

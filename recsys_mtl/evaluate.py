@@ -6,6 +6,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import polars as pl
@@ -19,7 +20,8 @@ from recsys_mtl.data.loader import Dataset, ReadOrder, count_batches, read_batch
 from recsys_mtl.distributed import average_norm_statistics, world
 from recsys_mtl.errors import InputError, MissingInputError, reading
 from recsys_mtl.files import atomic_write_text
-from recsys_mtl.metrics import auc, task_metrics
+from recsys_mtl.metrics import MixtureHealth, auc, gate_entropy, is_task_metric, task_metrics
+from recsys_mtl.model.experts import Mixture, MixtureLevel
 from recsys_mtl.model.ranker import RankerOutput, autocast
 from recsys_mtl.report import CalibrationCurve, EvaluationDetails, write_report
 from recsys_mtl.run import load_run
@@ -33,26 +35,30 @@ COLD_FEATURE = "item_id"  # rows whose item was never seen in training (unknown 
 @dataclass
 class SplitPredictions:
     """Predictions for N rows of a split (all of them, or one batch's). values/labels/masks: name -> [N];
-    gate_weights: their mean [T, E]."""
+    gate_weights: their mean over the rows [T, E]; gate_entropy: the mean over the rows of each task's gate entropy
+    (metrics.gate_entropy) [T]."""
 
     values: dict[str, Tensor]
     labels: dict[str, Tensor]
     masks: dict[str, Tensor]
     keys: pl.DataFrame
     gate_weights: Tensor
+    gate_entropy: Tensor
     cold: Tensor | None  # [N] bool: the COLD_FEATURE id is unknown (0); None without that feature
 
     @staticmethod
     def concat(parts: "list[SplitPredictions]") -> "SplitPredictions":
-        """The rows of `parts`, in order (gate weights averaged over all their rows)."""
+        """The rows of `parts`, in order (gate weights and entropies averaged over all their rows)."""
         sizes = torch.tensor([float(len(p.keys)) for p in parts])  # [P]
         gates = torch.stack([p.gate_weights for p in parts])  # [P, T, E]
+        entropies = torch.stack([p.gate_entropy for p in parts])  # [P, T]
         return SplitPredictions(
             values={k: torch.cat([p.values[k] for p in parts]) for k in parts[0].values},
             labels={k: torch.cat([p.labels[k] for p in parts]) for k in parts[0].labels},
             masks={k: torch.cat([p.masks[k] for p in parts]) for k in parts[0].masks},
             keys=pl.concat([p.keys for p in parts]),
             gate_weights=(gates * sizes[:, None, None]).sum(0) / sizes.sum(),  # [T, E]
+            gate_entropy=(entropies * sizes[:, None]).sum(0) / sizes.sum(),  # [T]
             cold=torch.cat([p.cold for p in parts if p.cold is not None]) if parts[0].cold is not None else None,
         )
 
@@ -117,6 +123,7 @@ def _part(specs: tuple[TaskSpec, ...], batch: Batch, output: RankerOutput) -> Sp
         masks={k: v.cpu() for k, v in batch.masks.items()},
         keys=batch.keys,
         gate_weights=output.gate_weights.float().mean(0).cpu(),  # [T, E]
+        gate_entropy=gate_entropy(output.gate_weights).mean(0).cpu(),  # [T]
         cold=batch.sparse[COLD_FEATURE].values().cpu() == 0 if has_cold else None,
     )
 
@@ -143,7 +150,8 @@ def oracle_predictions(dataset: Dataset, keys: pl.DataFrame, specs: tuple[TaskSp
 def split_metrics(
     predictor: Predictor, dataset: Dataset, split: str
 ) -> tuple[dict[str, float], SplitPredictions | None]:
-    """Model metrics on `split`; where the data has an oracle, also `oracle/<metric>` and `ratio/<metric>`.
+    """Model metrics on `split`; where the data has an oracle, also `oracle/<metric>` and `ratio/<metric>`; where the
+    model has more than one expert, its mixture's health (`mixture/...`, see metrics.MixtureHealth).
 
     Exact over the whole split: under N ranks they are computed once, on rank 0, and sent to every rank (so that all
     take the same early-stopping decision); only rank 0 gets the predictions.
@@ -151,7 +159,7 @@ def split_metrics(
     preds = predict_split(predictor, dataset, split)
     metrics = {}
     if preds is not None:
-        metrics = _metrics(predictor.specs, dataset, preds)
+        metrics = _metrics(predictor.specs, dataset, preds) | mixture_health(predictor, preds)
         warn_undefined(metrics, preds, split)
     if world()[1] > 1:
         shared = [metrics]
@@ -172,11 +180,24 @@ def _metrics(specs: tuple[TaskSpec, ...], dataset: Dataset, preds: SplitPredicti
     return metrics
 
 
+def mixture_health(predictor: Predictor, preds: SplitPredictions) -> dict[str, float]:
+    """The `mixture/...` metrics of the predictor's model (whole, or wrapped for training) on `preds`; none when the
+    model has a single expert (shared_bottom)."""
+    mixture = next(m for m in predictor.model.modules() if isinstance(m, Mixture))
+    if len(mixture.expert_names) < 2:
+        return {}
+    last = cast(MixtureLevel, mixture.levels[-1])
+    gate_mask = last.gate_mask[: mixture.num_tasks].cpu()  # [T, E] the task gates of the last level
+    tasks = [spec.name for spec in predictor.specs]  # the gates' order
+    health = MixtureHealth.measure(preds.gate_weights, preds.gate_entropy, gate_mask, tasks, mixture.expert_names)
+    return health.to_metrics()
+
+
 def warn_undefined(metrics: dict[str, float], preds: SplitPredictions, split: str) -> None:
     """Log a warning per task whose metrics are undefined (NaN) on `split`, with its labelled rows and label range."""
     by_task: dict[str, list[str]] = {}
     for name, value in metrics.items():
-        if math.isnan(value) and not name.startswith(("oracle/", "ratio/")):
+        if math.isnan(value) and is_task_metric(name):
             by_task.setdefault(name.split("/")[0], []).append(name)
     for task, names in by_task.items():
         labels = preds.labels[task][preds.masks[task]]

@@ -6,6 +6,8 @@ ctcvr_auc, ctcvr_logloss (pCTR * pCVR on every row). regression: rmse, mae. coun
 
 A metric that is undefined on the data (an AUC whose labels are all 0 or all 1, any metric without labelled rows) is
 NaN, never an exception; `format_metric` shows it as "—". Which way each one improves: tasks.better.
+
+Mixture health (a model with more than one expert), keyed `mixture/...`: see `MixtureHealth`.
 """
 
 import math
@@ -171,6 +173,119 @@ def task_metrics(
             if value is not None:
                 out[f"{spec.name}/{metric}"] = value
     return out
+
+
+MIXTURE_PREFIX = "mixture/"
+DEAD_LOAD = 0.02  # an expert is dead when every task that can route to it gives it less mean gate weight than this
+
+
+def is_task_metric(name: str) -> bool:
+    """Whether `name` is one of the model's own `<task>/<metric>`, not an `oracle/`, `ratio/` or `mixture/` one."""
+    return not name.startswith(("oracle/", "ratio/", MIXTURE_PREFIX))
+
+
+def gate_entropy(gate_weights: Tensor) -> Tensor:
+    """The entropy, in nats, of each gate distribution; 0 log 0 counts as 0 (the experts outside a gate's own).
+
+    Args:
+        gate_weights: [..., E], each [E] summing to 1 (e.g. [B, T, E]).
+
+    Returns:
+        [...] float32 (e.g. [B, T]): 0 for a gate on one expert, ln(n) for a uniform one on n experts.
+    """
+    weights = gate_weights.float()
+    return -torch.xlogy(weights, weights).sum(-1)  # [...]
+
+
+def dead_experts(loads: Tensor, gate_mask: Tensor, threshold: float = DEAD_LOAD) -> Tensor:
+    """The experts whose load is below `threshold` for every task that can route to them.
+
+    Args:
+        loads: [T, E] the mean gate weight of each task on each expert.
+        gate_mask: [T, E] bool, whether the task's gate covers the expert (an expert no task covers counts as dead).
+
+    Returns:
+        [E] bool.
+    """
+    return ((loads < threshold) | ~gate_mask).all(0)  # [E]
+
+
+@dataclass(frozen=True)
+class MixtureHealth:
+    """How the tasks use the experts of the mixture's last level on a split. As metrics (`to_metrics`):
+    `mixture/<task>/gate_entropy`, `mixture/<task>/load/<expert>` and `mixture/dead_experts`.
+
+    entropy: task -> the mean over rows of the entropy (nats) of the task's gate.
+    loads: task -> expert -> the mean gate weight the task gives the expert, for the experts it can route to only
+        (in PLE its own and the shared ones); they sum to 1 per task.
+    dead_share: the share of experts that are dead (`dead_experts`).
+    """
+
+    entropy: dict[str, float]
+    loads: dict[str, dict[str, float]]
+    dead_share: float
+
+    @staticmethod
+    def measure(
+        mean_weights: Tensor, mean_entropy: Tensor, gate_mask: Tensor, tasks: list[str], experts: list[str]
+    ) -> "MixtureHealth":
+        """The health of gates whose weights, averaged over the rows, are `mean_weights`.
+
+        Args:
+            mean_weights: [T, E] the mean gate weight of each task on each expert.
+            mean_entropy: [T] the mean over rows of each task's gate entropy (`gate_entropy`).
+            gate_mask: [T, E] bool, whether the task's gate covers the expert (`MixtureLevel.gate_mask`).
+            tasks, experts: their names, T and E of them.
+        """
+        dead = dead_experts(mean_weights, gate_mask)  # [E]
+        return MixtureHealth(
+            entropy={task: float(h) for task, h in zip(tasks, mean_entropy, strict=True)},
+            loads={
+                task: {expert: float(w) for expert, w, m in zip(experts, row, covers, strict=True) if m}
+                for task, row, covers in zip(tasks, mean_weights, gate_mask, strict=True)
+            },
+            dead_share=float(dead.double().mean()),
+        )
+
+    @property
+    def experts(self) -> list[str]:
+        """Every expert some task can route to, in the mixture's order."""
+        return list(dict.fromkeys(expert for loads in self.loads.values() for expert in loads))
+
+    def max_entropy(self, task: str) -> float:
+        """ln(the number of experts `task` can route to): the entropy of a uniform gate."""
+        return math.log(len(self.loads[task]))
+
+    def dead(self) -> list[str]:
+        """The dead experts' names."""
+        experts = self.experts
+        loads = torch.tensor([[row.get(e, 0.0) for e in experts] for row in self.loads.values()])  # [T, E]
+        covers = torch.tensor([[e in row for e in experts] for row in self.loads.values()])  # [T, E]
+        return [e for e, is_dead in zip(experts, dead_experts(loads, covers).tolist(), strict=True) if is_dead]
+
+    def to_metrics(self) -> dict[str, float]:
+        out = {}
+        for task, loads in self.loads.items():
+            out[f"{MIXTURE_PREFIX}{task}/gate_entropy"] = self.entropy[task]
+            out |= {f"{MIXTURE_PREFIX}{task}/load/{expert}": load for expert, load in loads.items()}
+        return out | {f"{MIXTURE_PREFIX}dead_experts": self.dead_share}
+
+    @staticmethod
+    def from_metrics(metrics: dict[str, float]) -> "MixtureHealth | None":
+        """The health that `to_metrics` wrote into `metrics`, or None when they have none (one expert)."""
+        if f"{MIXTURE_PREFIX}dead_experts" not in metrics:
+            return None
+        entropy: dict[str, float] = {}
+        loads: dict[str, dict[str, float]] = {}
+        for name, value in metrics.items():
+            parts = name.removeprefix(MIXTURE_PREFIX).split("/")
+            if not name.startswith(MIXTURE_PREFIX) or len(parts) < 2:
+                continue
+            if parts[1:] == ["gate_entropy"]:
+                entropy[parts[0]] = value
+            elif len(parts) == 3 and parts[1] == "load":
+                loads.setdefault(parts[0], {})[parts[2]] = value
+        return MixtureHealth(entropy, loads, metrics[f"{MIXTURE_PREFIX}dead_experts"])
 
 
 def format_metric(value: float | None, digits: int = 4) -> str:

@@ -1,7 +1,9 @@
-"""The run report: report_<split>.md with a metrics table (model, oracle, single-task baselines) and PNG plots of the
-learning curves, expert utilisation (mean gate weight per task x expert) and calibration."""
+"""The run report: report_<split>.md with a metrics table (model, oracle, single-task baselines), the mixture's health
+(gate entropy, load per task x expert, dead experts, MTL against the single-task runs) and PNG plots of the learning
+curves, expert utilisation (mean gate weight per task x expert) and calibration."""
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,8 +13,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from recsys_mtl.files import atomic_write_text
-from recsys_mtl.metrics import format_metric
-from recsys_mtl.tasks import is_headline
+from recsys_mtl.metrics import DEAD_LOAD, MixtureHealth, format_metric, is_task_metric
+from recsys_mtl.tasks import better, is_headline
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,7 @@ class EvaluationDetails:
 
 def metrics_table(metrics: dict[str, float], baselines: dict[str, dict[str, float]]) -> str:
     """Markdown table: one row per model metric; columns model, oracle, model / oracle, then each baseline."""
-    names = [k for k in metrics if not k.startswith(("oracle/", "ratio/"))]
+    names = [k for k in metrics if is_task_metric(k)]
     has_oracle = any(k.startswith("oracle/") for k in metrics)
     header = ["metric", "model", *(["oracle", "model / oracle"] if has_oracle else []), *baselines]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -48,6 +50,84 @@ def metrics_table(metrics: dict[str, float], baselines: dict[str, dict[str, floa
         row += [format_metric(b.get(name)) for b in baselines.values()]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class SingleTaskComparison:
+    """A task's headline metric in this (multi-task) run and in a single-task baseline run."""
+
+    task: str
+    metric: str  # `<task>/<metric>`
+    baseline: str  # the baseline run's name
+    mtl: float
+    single: float
+
+    @property
+    def verdict(self) -> str:
+        """ "better" / "worse" for the multi-task run (AUCs up, errors and deviances down), "same", or "—" (NaN)."""
+        if math.isnan(self.mtl) or math.isnan(self.single):
+            return "—"
+        if better(self.metric, self.mtl, self.single):
+            return "better"
+        return "worse" if better(self.metric, self.single, self.mtl) else "same"
+
+
+def single_task_comparisons(
+    metrics: dict[str, float], tasks: list[str], baselines: dict[str, dict[str, float]]
+) -> list[SingleTaskComparison]:
+    """Per task, its headline metric here against each baseline that is a single-task run of it: a baseline whose only
+    headline metric (tasks.is_headline) is the task's."""
+    out = []
+    for task in tasks:
+        metric = next((k for k in metrics if is_headline(k) and k.split("/")[0] == task), None)
+        if metric is None:
+            continue
+        for name, other in baselines.items():
+            if [k for k in other if is_headline(k)] == [metric]:
+                out.append(SingleTaskComparison(task, metric, name, metrics[metric], other[metric]))
+    return out
+
+
+def mixture_section(metrics: dict[str, float], tasks: list[str], baselines: dict[str, dict[str, float]]) -> list[str]:
+    """The "Mixture health" section's markdown lines; none without mixture metrics or single-task baselines."""
+    health = MixtureHealth.from_metrics(metrics)
+    comparisons = single_task_comparisons(metrics, tasks, baselines)
+    if health is None and not comparisons:
+        return []
+    lines = ["## Mixture health", ""]
+    if health is not None:
+        experts = health.experts
+        dead = health.dead()
+        lines += [
+            "Gate entropy: the mean over rows of the entropy (nats) of the task's gate, from 0 (always one expert) to "
+            "`max` = ln(the number of experts it routes to), a uniform gate. Load: the mean gate weight the task gives "
+            f"each expert (blank where its gate cannot route). Dead: under {DEAD_LOAD:.0%} load from every task that "
+            "routes to it.",
+            "",
+            "| task | gate entropy | max | " + " | ".join(experts) + " |",
+            "|" + "---|" * (3 + len(experts)),
+        ]
+        for task, loads in health.loads.items():
+            row = [task, format_metric(health.entropy[task], 3), format_metric(health.max_entropy(task), 3)]
+            row += [format_metric(loads[e], 3) if e in loads else "" for e in experts]
+            lines.append("| " + " | ".join(row) + " |")
+        names = f" ({', '.join(dead)})" if dead else ""
+        lines += ["", f"Dead experts: {len(dead)} of {len(experts)} ({health.dead_share:.0%}){names}.", ""]
+    if comparisons:
+        lines += [
+            "MTL - single-task: each task's headline metric in this run minus in its single-task run (AUCs: higher "
+            "is better; rmse and deviance: lower is better).",
+            "",
+            "| task | metric | MTL | single-task | MTL - single-task | |",
+            "|---|---|---|---|---|---|",
+        ]
+        for c in comparisons:
+            diff = c.mtl - c.single
+            signed = "—" if math.isnan(diff) else f"{diff:+.4f}"
+            row = [c.task, c.metric, format_metric(c.mtl), f"{format_metric(c.single)} ({c.baseline})", signed]
+            lines.append("| " + " | ".join([*row, c.verdict]) + " |")
+        lines.append("")
+    return lines
 
 
 def _learning_curves(run_dir: Path, path: Path) -> bool:
@@ -127,6 +207,7 @@ def write_report(
         "",
         metrics_table(metrics, baselines),
         "",
+        *mixture_section(metrics, details.tasks, baselines),
     ]
     if _learning_curves(run_dir, run_dir / "learning_curves.png"):
         parts += ["## Learning curves", "", "![learning curves](learning_curves.png)", ""]

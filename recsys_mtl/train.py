@@ -1,5 +1,10 @@
 """The training loop: validation, early stopping, metrics logs, checkpoints and resume.
 
+metrics.jsonl holds one JSON object a line, {"kind", "step", metrics...}: "train" (running means of the step losses and
+samples_per_s, every `train.log_every` steps), "valid" (every validation) and "health" (every `train.conflict_every`
+steps: the cosine of each pair of tasks' gradients on the last shared layer, "conflict/<a>~<b>", and their mean,
+"conflict/mean"; see step.gradient_cosines). TensorBoard gets the same numbers as "<kind>/<metric>".
+
 A run dir holds one run (config.toml, checkpoints/, metrics.jsonl, tensorboard/) and one writer: `train` holds it
 locked throughout. A plain train never starts over an existing run, and a resume continues the run only under the
 same config (see RESUMABLE), from its last checkpoint, replacing whatever the killed process logged after it.
@@ -38,7 +43,7 @@ from recsys_mtl.errors import InputError, MissingInputError, OutputExistsError
 from recsys_mtl.evaluate import Predictor, split_metrics
 from recsys_mtl.files import atomic_write_text, locked
 from recsys_mtl.metrics import format_metric
-from recsys_mtl.step import Trainer, build_trainer, train_step, training_state
+from recsys_mtl.step import CONFLICT_PREFIX, Trainer, build_trainer, train_step, training_state
 from recsys_mtl.tasks import TaskSpec, better, headline_metric
 
 log = logging.getLogger(__name__)
@@ -46,8 +51,9 @@ CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
 RUN_FILES = (CONFIG_FILE, "checkpoints", METRICS_FILE)  # any of them: the dir holds a run
 # what a resume may change: how long to train, how often to log, validate and checkpoint, the patience, where the
-# run dir is and how tables are placed. Anything else (dataset, tasks, model, text, loss, optim, batch size, seed,
-# schedule, ...) changes what the steps compute, and the data position (in batches) would skip or repeat rows.
+# run dir is and how tables are placed; how often the gradient conflict is measured (the steps stay the same, to the
+# bit). Anything else (dataset, tasks, model, text, loss, optim, batch size, seed, schedule, ...) changes what the
+# steps compute, and the data position (in batches) would skip or repeat rows.
 # `train.epochs` may grow a finished run; the linear learning-rate decay then follows the new length.
 RESUMABLE = (
     "run_dir",
@@ -56,6 +62,7 @@ RESUMABLE = (
     "train.epochs",
     "train.max_steps",
     "train.log_every",
+    "train.conflict_every",
     "train.eval_every",
     "train.checkpoint_every",
     "train.checkpoint_minutes",
@@ -141,6 +148,7 @@ class _Run:
     bar: tqdm
     metric: str  # the early-stopping metric
     total_steps: int  # of the learning-rate schedule
+    conflict_every: int  # steps between gradient-conflict measures; 0: never
     losses: list[float] = field(default_factory=list)
     valid: list[dict[str, float]] = field(default_factory=list)
     started_at: float = field(default_factory=time.monotonic)
@@ -231,6 +239,7 @@ def _train(cfg: Config, run_dir: Path, device: torch.device, resume: bool, progr
         bar=tqdm(total=total, initial=position.step, desc="train", unit="step", disable=not progress or rank != 0),
         metric=main_metric(cfg, trainer.specs),
         total_steps=per_epoch * cfg.train.epochs,  # not max_steps
+        conflict_every=_conflict_every(trainer),
         start_step=position.step,
         saved_step=position.step if resume else -1,
     )
@@ -243,6 +252,20 @@ def _train(cfg: Config, run_dir: Path, device: torch.device, resume: bool, progr
         run.metrics.close()
     best = next((m for m in run.valid if m.get(run.metric) == position.best), {})
     return TrainResult(run_dir, position.step, run.losses, run.valid, best, stopped)
+
+
+def _conflict_every(trainer: Trainer) -> int:
+    """`train.conflict_every`, or 0 (said once) when the shared layer the conflict is measured on is frozen."""
+    every = trainer.cfg.train.conflict_every
+    if every and not any(p.requires_grad for p in trainer.sharded.module.shared_parameters()):
+        log.warning("train.conflict_every = %d: no gradient conflict is measured, the shared layer is frozen", every)
+        return 0
+    return every
+
+
+def conflict_due(every: int, step: int) -> bool:
+    """Whether step number `step` (counted from 1) measures the gradient conflict, with `every` steps between."""
+    return every > 0 and step % every == 0
 
 
 def _resume(trainer: Trainer, last: Path, expected: dict) -> Progress:
@@ -294,10 +317,12 @@ def _fit(run: _Run) -> bool:
 
 
 def _step(run: _Run, batch: Batch) -> None:
-    """One training step: the update, its loss checked, the log line."""
+    """One training step: the update, its loss checked, the log lines."""
     position, cfg = run.progress, run.cfg.train
     set_learning_rate(run.trainer, position.step, run.total_steps)
-    step_metrics = train_step(run.trainer, batch.to(run.trainer.device), position.step)
+    measure = conflict_due(run.conflict_every, position.step + 1)
+    step_metrics = train_step(run.trainer, batch.to(run.trainer.device), position.step, measure_conflict=measure)
+    health = {k: step_metrics.pop(k) for k in [k for k in step_metrics if k.startswith(CONFLICT_PREFIX)]}
     position.step += 1
     position.batch += 1
     check_finite(step_metrics, position.step)
@@ -309,6 +334,8 @@ def _step(run: _Run, batch: Batch) -> None:
         run.losses.append(step_metrics["loss"])
         run.metrics.write("train", position.step, {**position.running, "samples_per_s": rows_per_s})
         run.bar.set_postfix(loss=f"{position.running['loss']:.4f}", samples_s=f"{rows_per_s:,.0f}")
+    if health:  # this step's batch alone, not a running mean: a smoothed conflict would hide a flip of sign
+        run.metrics.write("health", position.step, health)
 
 
 def check_finite(step_metrics: dict[str, float], step: int) -> None:

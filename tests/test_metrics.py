@@ -5,7 +5,18 @@ import pytest
 import torch
 from sklearn.metrics import log_loss, mean_absolute_error, mean_poisson_deviance, mean_squared_error, roc_auc_score
 
-from recsys_mtl.metrics import auc, calibration, format_metric, gauc, logloss, poisson_deviance, task_metrics
+from recsys_mtl.metrics import (
+    MixtureHealth,
+    auc,
+    calibration,
+    dead_experts,
+    format_metric,
+    gate_entropy,
+    gauc,
+    logloss,
+    poisson_deviance,
+    task_metrics,
+)
 from recsys_mtl.tasks import TaskSpec
 
 RNG = np.random.default_rng(0)
@@ -114,3 +125,68 @@ def test_a_task_after_an_untrained_one_has_no_joint_metrics() -> None:
         (cvr,),
     )
     assert metrics == {"cvr/auc_clicked": 0.5}  # clicked rows only: 0.5 beats 0.1, not 0.8 (0.75 with row 3)
+
+
+def _health(gate_weights: torch.Tensor, gate_mask: torch.Tensor, tasks: list[str], experts: list[str]) -> MixtureHealth:
+    """MixtureHealth of per-row gate weights [B, T, E], reduced over the rows as evaluation does."""
+    return MixtureHealth.measure(gate_weights.mean(0), gate_entropy(gate_weights).mean(0), gate_mask, tasks, experts)
+
+
+def test_a_collapsed_gate_has_zero_entropy_and_every_other_expert_dead() -> None:
+    experts = ["shared0", "shared1", "shared2", "shared3"]
+    gate_weights = torch.zeros(5, 2, 4)
+    gate_weights[:, :, 1] = 1.0  # both tasks, every row: all weight on shared1
+    health = _health(gate_weights, torch.ones(2, 4, dtype=torch.bool), ["ctr", "rating"], experts)
+    assert health.entropy == {"ctr": 0.0, "rating": 0.0}
+    assert health.loads["ctr"] == {"shared0": 0.0, "shared1": 1.0, "shared2": 0.0, "shared3": 0.0}
+    assert health.dead_share == 3 / 4
+    assert health.dead() == ["shared0", "shared2", "shared3"]
+
+
+def test_a_uniform_gate_has_entropy_ln_e_and_no_dead_expert() -> None:
+    experts = [f"shared{i}" for i in range(8)]
+    health = _health(torch.full((3, 1, 8), 1 / 8), torch.ones(1, 8, dtype=torch.bool), ["ctr"], experts)
+    assert health.entropy["ctr"] == pytest.approx(math.log(8), rel=1e-6)
+    assert health.max_entropy("ctr") == pytest.approx(math.log(8))
+    assert health.loads["ctr"] == pytest.approx(dict.fromkeys(experts, 1 / 8))
+    assert health.dead_share == 0.0
+    assert health.dead() == []
+
+
+def test_ple_loads_cover_only_the_experts_a_task_routes_to() -> None:
+    # PLE-like: shared0 for both tasks, task0.0 for ctr only, task1.0 for rating only
+    experts = ["shared0", "task0.0", "task1.0"]
+    gate_mask = torch.tensor([[True, True, False], [True, False, True]])
+    gate_weights = torch.tensor(
+        [
+            [[0.98, 0.02, 0.0], [0.5, 0.0, 0.5]],
+            [[1.0, 0.0, 0.0], [0.9, 0.0, 0.1]],
+        ]
+    )  # [B=2, T=2, E=3]
+    health = _health(gate_weights, gate_mask, ["ctr", "rating"], experts)
+    assert health.loads["ctr"] == pytest.approx({"shared0": 0.99, "task0.0": 0.01})  # no task1.0: ctr cannot route
+    assert health.loads["rating"] == pytest.approx({"shared0": 0.7, "task1.0": 0.3})
+    row_entropy = -(0.98 * math.log(0.98) + 0.02 * math.log(0.02))  # the second ctr row: one expert, entropy 0
+    rating_entropy = (math.log(2) - 0.9 * math.log(0.9) - 0.1 * math.log(0.1)) / 2
+    assert health.entropy == pytest.approx({"ctr": row_entropy / 2, "rating": rating_entropy}, rel=1e-6)
+    assert health.max_entropy("ctr") == pytest.approx(math.log(2))
+    # task0.0 (0.01 from ctr, the only task that routes to it) is dead; rating's 0 on task0.0 does not count
+    assert health.dead() == ["task0.0"]
+    assert health.dead_share == pytest.approx(1 / 3)
+    metrics = health.to_metrics()
+    assert list(metrics) == [
+        "mixture/ctr/gate_entropy",
+        "mixture/ctr/load/shared0",
+        "mixture/ctr/load/task0.0",
+        "mixture/rating/gate_entropy",
+        "mixture/rating/load/shared0",
+        "mixture/rating/load/task1.0",
+        "mixture/dead_experts",
+    ]
+    assert MixtureHealth.from_metrics({"ctr/auc": 0.7, **metrics}) == health
+    assert MixtureHealth.from_metrics({"ctr/auc": 0.7}) is None
+
+
+def test_an_expert_no_task_routes_to_counts_as_dead() -> None:
+    loads = torch.tensor([[0.5, 0.5, 0.0]])
+    assert dead_experts(loads, torch.tensor([[True, True, False]])).tolist() == [False, False, True]

@@ -1,13 +1,18 @@
+import dataclasses
+import itertools
+import math
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 
 from recsys_mtl.data.loader import Dataset, ReadOrder, read_batches
 from recsys_mtl.errors import InputError
 from recsys_mtl.metrics import auc
 from recsys_mtl.model.embeddings import TEXT_TABLE_PREFIX, read_table
-from recsys_mtl.step import Trainer, build_trainer, predict_batch, train_step
+from recsys_mtl.step import CONFLICT_PREFIX, Trainer, build_trainer, gradient_cosines, predict_batch, train_step
 from tests.conftest import tiny_config
 
 CPU = torch.device("cpu")
@@ -168,3 +173,121 @@ def test_input_norm_follows_the_config(text_dataset: Path, tiny_bert: Path, norm
     trainer, dataset = _trainer(text_dataset, tiny_bert, model={"input_norm": norm})
     assert isinstance(trainer.sharded.module.input_norm, kind)
     assert train_step(trainer, _batch(dataset), step=0)["loss"] > 0
+
+
+def _conflicts(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if k.startswith(CONFLICT_PREFIX)}
+
+
+def test_gradient_cosines_of_hand_made_gradients() -> None:
+    grads = {  # two parameters each: a [1, 2] matrix and a [1] bias
+        "ctr": [torch.tensor([[1.0, 0.0]]), torch.tensor([2.0])],
+        "same": [torch.tensor([[3.0, 0.0]]), torch.tensor([6.0])],  # ctr x 3: the same direction
+        "opposite": [torch.tensor([[-0.5, 0.0]]), torch.tensor([-1.0])],
+        "orthogonal": [torch.tensor([[0.0, 4.0]]), torch.tensor([0.0])],
+    }
+    cosines = gradient_cosines(grads)
+    expected = {
+        "conflict/ctr~same": 1.0,
+        "conflict/ctr~opposite": -1.0,
+        "conflict/ctr~orthogonal": 0.0,
+        "conflict/same~opposite": -1.0,
+        "conflict/same~orthogonal": 0.0,
+        "conflict/opposite~orthogonal": 0.0,
+        "conflict/mean": -1 / 6,
+    }
+    assert list(cosines) == list(expected)
+    assert cosines == pytest.approx(expected, abs=1e-12)
+    # 45 degrees: (1, 0, 0) against (1, 1, 0)
+    diagonal = gradient_cosines(
+        {"a": [torch.tensor([[1.0, 0.0]]), torch.tensor([0.0])], "b": [torch.ones(1, 2), torch.zeros(1)]}
+    )
+    assert diagonal == pytest.approx({"conflict/a~b": 1 / math.sqrt(2), "conflict/mean": 1 / math.sqrt(2)})
+
+
+def test_a_task_without_a_gradient_is_left_out_of_the_cosines() -> None:
+    grads = {"ctr": [torch.tensor([1.0, 0.0])], "cvr": [torch.zeros(2)], "rating": [torch.tensor([1.0, 1.0])]}
+    assert gradient_cosines(grads) == pytest.approx(
+        {"conflict/ctr~rating": 1 / math.sqrt(2), "conflict/mean": 1 / math.sqrt(2)}
+    )
+    assert gradient_cosines({"ctr": [torch.tensor([1.0, 0.0])], "cvr": [torch.zeros(2)]}) == {}
+
+
+@pytest.mark.parametrize("weighting", ["fixed", "gradnorm"])
+def test_measuring_the_conflict_leaves_the_steps_bit_identical(
+    text_dataset: Path, tiny_bert: Path, weighting: str
+) -> None:
+    runs = []
+    for measure in (False, True):
+        trainer, dataset = _trainer(text_dataset, tiny_bert, loss={"weighting": weighting}, train={"id_dropout": 0.1})
+        batches = itertools.islice(read_batches(dataset, "train", 512, ReadOrder(shuffle=True, seed=3)), 3)
+        metrics = [train_step(trainer, b, step, measure_conflict=measure) for step, b in enumerate(batches)]
+        runs.append((trainer, metrics))
+    (plain, plain_metrics), (measured, measured_metrics) = runs
+    assert all(_conflicts(m) == {} for m in plain_metrics)
+    assert all(len(_conflicts(m)) == 6 + 1 for m in measured_metrics)  # 4 tasks: 6 pairs and the mean
+    assert [{k: v for k, v in m.items() if k not in _conflicts(m)} for m in measured_metrics] == plain_metrics
+    # the same state to the bit: one backward into the fused tables per step, the same dense and GradNorm updates
+    plain_state, measured_state = _local_state(plain), _local_state(measured)
+    assert list(plain_state) == list(measured_state)
+    assert any("embedding_bags.user.weight" in name for name in plain_state)
+    for name, value in plain_state.items():
+        assert torch.equal(value, measured_state[name]), name
+
+
+def _local_state(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """Every tensor of the model (this rank's shards of the tables), the loss and both optimizers, by a flat name."""
+    tree = {
+        "model": trainer.model.state_dict(),
+        "loss": trainer.loss.state_dict(),
+        "fused_optimizer": trainer.model.fused_optimizer.state_dict()["state"],
+        "dense_optimizer": trainer.sharded.dense_optimizer.state_dict()["state"],
+    }
+    flat: dict[str, torch.Tensor] = {}
+
+    def visit(prefix: str, value: object) -> None:
+        if isinstance(value, dict):
+            for key, child in value.items():
+                visit(f"{prefix}.{key}", child)
+        elif isinstance(value, ShardedTensor):
+            flat[prefix] = torch.cat([shard.tensor for shard in value.local_shards()])
+        elif isinstance(value, torch.Tensor):
+            flat[prefix] = value
+
+    visit("", tree)
+    return flat
+
+
+def test_the_conflict_is_the_cosine_of_the_task_gradients_on_the_last_shared_layer(
+    text_dataset: Path, tiny_bert: Path
+) -> None:
+    trainer, dataset = _trainer(text_dataset, tiny_bert)
+    batch = _batch(dataset)
+    conflicts = _conflicts(train_step(trainer, batch, step=0, measure_conflict=True))
+    # the reference: a fresh copy of the model, one plain backward per task into .grad of the shared weights
+    reference, _ = _trainer(text_dataset, tiny_bert)
+    ranker = reference.sharded.module  # outside the DDP wrapper: several backward passes of one forward
+    output = ranker(batch)
+    _, task_means = reference.loss(output.logits, batch.labels, batch.masks, torch.ones(4))
+    (shared,) = ranker.shared_parameters()
+    grads = []
+    for mean in task_means:
+        shared.grad = None
+        mean.backward(retain_graph=True)
+        grads.append(shared.grad.flatten().clone())
+    names = ["ctr", "cvr", "rating", "reads"]
+    expected = {
+        f"conflict/{names[i]}~{names[j]}": F.cosine_similarity(grads[i], grads[j], dim=0).item()
+        for i, j in itertools.combinations(range(4), 2)
+    }
+    expected["conflict/mean"] = sum(expected.values()) / 6
+    assert conflicts == pytest.approx(expected, abs=1e-5)
+    assert -1 < conflicts["conflict/mean"] < 1
+
+
+def test_a_task_without_labelled_rows_is_left_out_of_the_conflict(text_dataset: Path, tiny_bert: Path) -> None:
+    trainer, dataset = _trainer(text_dataset, tiny_bert)
+    batch = _batch(dataset)
+    unlabelled = dataclasses.replace(batch, masks={**batch.masks, "rating": torch.zeros_like(batch.masks["rating"])})
+    conflicts = _conflicts(train_step(trainer, unlabelled, step=0, measure_conflict=True))
+    assert list(conflicts) == ["conflict/ctr~cvr", "conflict/ctr~reads", "conflict/cvr~reads", "conflict/mean"]

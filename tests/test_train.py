@@ -13,7 +13,7 @@ from recsys_mtl.data.loader import Dataset
 from recsys_mtl.errors import InputError, MissingInputError, OutputExistsError
 from recsys_mtl.evaluate import evaluate_run
 from recsys_mtl.files import locked
-from recsys_mtl.train import check_finite, train
+from recsys_mtl.train import check_finite, conflict_due, train
 from tests.conftest import tiny_config
 
 CPU = torch.device("cpu")
@@ -157,8 +157,8 @@ def test_a_resume_under_another_config_is_refused_listing_every_difference(
     with pytest.raises(OutputExistsError, match="pass --resume to continue it"):
         train(_cfg(text_dataset, tiny_bert, max_steps=3), run, CPU, progress=False)
 
-    # what a resume may change: how long, how often it logs and saves
-    longer = _cfg(text_dataset, tiny_bert, max_steps=5, log_every=1, checkpoint_minutes=0.0)
+    # what a resume may change: how long, how often it logs, measures and saves
+    longer = _cfg(text_dataset, tiny_bert, max_steps=5, log_every=1, conflict_every=2, checkpoint_minutes=0.0)
     assert train(longer, run, CPU, resume=True, progress=False).steps == 5
     assert load_config(run / "config.toml") == longer
 
@@ -245,6 +245,53 @@ def test_train_and_evaluate_from_the_command_line(
     assert capsys.readouterr().err.endswith(
         f"recsys-mtl train: error: --resume: the config differs from the run's {run / 'config.toml'}: "
         "train.seed: run 0, now 3. Resume with the run's values, or train into another --out (a resume may change "
-        "only run_dir, sharding, uvm_caching, train.epochs, train.max_steps, train.log_every, train.eval_every, "
-        "train.checkpoint_every, train.checkpoint_minutes, train.patience)\n"
+        "only run_dir, sharding, uvm_caching, train.epochs, train.max_steps, train.log_every, train.conflict_every, "
+        "train.eval_every, train.checkpoint_every, train.checkpoint_minutes, train.patience)\n"
     )
+
+
+def _records(run: Path, kind: str) -> list[dict]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if r["kind"] == kind]
+
+
+def test_the_gradient_conflict_is_logged_as_health_lines_and_leaves_the_run_unchanged(
+    text_dataset: Path, tiny_bert: Path, tmp_path: Path
+) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    on, off = (_cfg(text_dataset, tiny_bert, max_steps=4, log_every=1, conflict_every=every) for every in (1, 0))
+    measured = train(on, tmp_path / "on", CPU, progress=False)
+    plain = train(off, tmp_path / "off", CPU, progress=False)
+    assert measured.losses == plain.losses  # every step's loss, to the bit
+    speed = "samples_per_s"
+    assert [{k: v for k, v in r.items() if k != speed} for r in _records(tmp_path / "on", "train")] == [
+        {k: v for k, v in r.items() if k != speed} for r in _records(tmp_path / "off", "train")
+    ]
+    assert _records(tmp_path / "off", "health") == []
+    health = _records(tmp_path / "on", "health")
+    assert [r["step"] for r in health] == [1, 2, 3, 4]
+    pairs = ["ctr~cvr", "ctr~rating", "ctr~reads", "cvr~rating", "cvr~reads", "rating~reads"]
+    for record in health:
+        assert list(record) == ["kind", "step", *(f"conflict/{p}" for p in pairs), "conflict/mean"]
+        assert all(-1 <= record[f"conflict/{p}"] <= 1 for p in pairs)
+        assert record["conflict/mean"] == pytest.approx(sum(record[f"conflict/{p}"] for p in pairs) / 6)
+    events = EventAccumulator(str(tmp_path / "on" / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("health/conflict/mean")] == [1, 2, 3, 4]
+    assert events.Scalars("health/conflict/ctr~cvr")[0].value == pytest.approx(health[0]["conflict/ctr~cvr"])
+
+
+def test_the_conflict_is_measured_every_conflict_every_steps_and_never_on_a_frozen_shared_layer(
+    text_dataset: Path, tiny_bert: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert [step for step in range(1, 121) if conflict_due(50, step)] == [50, 100]
+    assert not any(conflict_due(0, step) for step in range(1, 121))
+    assert load_config(Path(__file__).parents[1] / "configs" / "demo.toml").train.conflict_every == 50
+    with pytest.raises(InputError, match=r"train\.conflict_every must be >= 0 \(0: never\), got -1"):
+        _cfg(text_dataset, tiny_bert, conflict_every=-1)
+    frozen = tiny_config(text_dataset, tiny_bert, train={"freeze": ["shared"], "max_steps": 2, "conflict_every": 1})
+    train(frozen, tmp_path / "frozen", CPU, progress=False)
+    assert _records(tmp_path / "frozen", "health") == []
+    warnings = [r.getMessage() for r in caplog.records if r.name == "recsys_mtl.train" and r.levelname == "WARNING"]
+    assert warnings == ["train.conflict_every = 1: no gradient conflict is measured, the shared layer is frozen"]
