@@ -137,16 +137,25 @@ def _learning_curves(run_dir: Path, path: Path) -> bool:
     rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     train = [r for r in rows if r["kind"] == "train"]
     valid = [r for r in rows if r["kind"] == "valid"]
+    health = [r for r in rows if r["kind"] == "health"]
     if not train and not valid:
         return False
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3 if health else 2, figsize=(16.5 if health else 11, 4))
+    left, right = axes[0], axes[1]
     for key in sorted({k for r in train for k in r if k.endswith("/loss")}):
         left.plot([r["step"] for r in train], [r[key] for r in train], label=key)
     left.set(title="training loss per task (running mean)", xlabel="step", yscale="log")
     for key in sorted({k for r in valid for k in r if is_headline(k)}):
         right.plot([r["step"] for r in valid], [r[key] for r in valid], marker="o", label=key)
     right.set(title="validation", xlabel="step")
-    for ax in (left, right):
+    if health:  # a pair is missing from a line when one of its tasks had no labelled rows in that batch
+        for key in sorted({k for r in health for k in r if k.startswith("conflict/")}):
+            steps, values = zip(*((r["step"], r[key]) for r in health if key in r), strict=True)
+            width = 2.5 if key == "conflict/mean" else 1.0
+            axes[2].plot(steps, values, label=key.removeprefix("conflict/"), linewidth=width)
+        axes[2].axhline(0, color="grey", linewidth=0.5)
+        axes[2].set(title="gradient cosine between tasks (< 0: conflict)", xlabel="step", ylim=(-1, 1))
+    for ax in axes:
         if ax.lines:
             ax.legend(fontsize=8)
     fig.tight_layout()

@@ -1,3 +1,4 @@
+import json
 import math
 from pathlib import Path
 
@@ -5,6 +6,7 @@ from recsys_mtl.report import (
     CalibrationCurve,
     EvaluationDetails,
     SingleTaskComparison,
+    _learning_curves,
     metrics_table,
     mixture_section,
     single_task_comparisons,
@@ -111,3 +113,15 @@ def test_report_has_the_mixture_health_section(tmp_path: Path) -> None:
     assert "| ctr | 0.056 | 0.693 | 0.990 | 0.010 |  |" in text
     assert "| ctr | ctr/auc | 0.7000 | 0.6900 (single_ctr) | +0.0100 | better |" in text
     assert text.index("## Metrics") < text.index("## Mixture health") < text.index("## Expert utilisation")
+
+
+def test_learning_curves_add_a_conflict_panel_from_health_lines(tmp_path: Path) -> None:
+    lines = [
+        {"kind": "train", "step": 50, "loss": 0.5, "ctr/loss": 0.3},
+        {"kind": "health", "step": 50, "conflict/ctr~cvr": -0.2, "conflict/mean": -0.2},
+        {"kind": "health", "step": 100, "conflict/mean": 0.1},  # ctr~cvr left out: a task without labelled rows
+        {"kind": "valid", "step": 100, "ctr/auc": 0.7},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert _learning_curves(tmp_path, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
