@@ -233,7 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--config", type=Path, required=True, help="TOML config (see configs/)")
     tr.add_argument("--out", type=Path, help="run dir (default: run_dir of the config)")
     tr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.epochs=3")
-    tr.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoints/last")
+    tr.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from RUN_DIR/checkpoints/last under the run's config (only how long and how often may change)",
+    )
     tr.add_argument("--device", default="cpu", help="cpu or cuda (%(default)s)")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")
     tr.set_defaults(func=_train)

@@ -56,6 +56,7 @@ class ModelConfig:
     # normalise the concatenated features (their scales differ): helps without cross layers and text, not with them
     input_norm: Literal["batch", "layer", "none"] = "none"
     dropout: float = 0.0
+    gate_dropout: float = 0.0  # in training, each expert leaves each gate of each row with this chance (anti-collapse)
 
     def __post_init__(self) -> None:
         if self.arch != "shared_bottom" and self.num_experts < 1:
@@ -71,6 +72,8 @@ class ModelConfig:
             raise ValueError(
                 f"model.dense_dims must be positive and cross_layers >= 0, got {self.dense_dims}, {self.cross_layers}"
             )
+        if not 0 <= self.gate_dropout < 1:
+            raise ValueError(f"model.gate_dropout must be in [0, 1), got {self.gate_dropout}")
         if self.text_dim < 0 or not 0 <= self.dropout < 1:
             raise ValueError(f"model.text_dim must be >= 0 and dropout in [0, 1), got {self.text_dim}, {self.dropout}")
 

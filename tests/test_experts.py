@@ -60,3 +60,20 @@ def test_shared_bottom_gives_every_task_the_same_input() -> None:
     task_inputs, gates = _mixture("shared_bottom")(torch.randn(BATCH, IN_DIM))
     assert (gates == 1).all()
     torch.testing.assert_close(task_inputs[:, 0], task_inputs[:, 2])
+
+
+def test_gate_dropout_drops_experts_in_training_only() -> None:
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="mmoe", num_experts=4, expert_dims=(16, 6), gate_dropout=0.5)
+    mixture, x = Mixture(IN_DIM, NUM_TASKS, cfg), torch.randn(256, IN_DIM)
+    _, gates = mixture(x)  # training mode
+    torch.testing.assert_close(gates.sum(-1), torch.ones(256, NUM_TASKS))
+    dropped = (gates == 0).float().mean().item()
+    assert 0.4 < dropped < 0.6  # half the experts, less the gates that would have lost every one (1/16)
+    mixture.eval()
+    _, gates = mixture(x)
+    assert (gates > 0).all()  # evaluation routes to every expert
+    plain = Mixture(IN_DIM, NUM_TASKS, ModelConfig(arch="mmoe", num_experts=4, expert_dims=(16, 6)))
+    plain.load_state_dict(mixture.state_dict())
+    plain.eval()
+    torch.testing.assert_close(plain(x)[1], gates)

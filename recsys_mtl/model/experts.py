@@ -67,6 +67,7 @@ class MixtureLevel(nn.Module):
         # [D_in, G, E]: one matmul for all gates, and a contiguous gradient (DDP copies strided ones into its buckets)
         self.gates = nn.Parameter(torch.randn(in_dim, num_gates, num_experts) * 0.01)
         self.num_gates = num_gates
+        self.gate_dropout = cfg.gate_dropout
 
     def forward(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
         """Mix the experts.
@@ -84,7 +85,11 @@ class MixtureLevel(nn.Module):
         else:
             expert_out = self.experts(inputs[:, self.owner])  # [B, E, D_exp]
             logits = torch.einsum("bgi,ige->bge", inputs[:, : self.num_gates], self.gates)  # [B, G, E]
-        gate_weights = logits.masked_fill(~self.gate_mask, float("-inf")).softmax(-1)  # [B, G, E]
+        routable = self.gate_mask  # [G, E]
+        if self.training and self.gate_dropout > 0:  # drop experts from gates, so no gate can rest on one expert
+            kept = routable & (torch.rand(logits.shape, device=logits.device) >= self.gate_dropout)  # [B, G, E]
+            routable = torch.where(kept.any(-1, keepdim=True), kept, routable)  # a gate left with none keeps all
+        gate_weights = logits.masked_fill(~routable, float("-inf")).softmax(-1)  # [B, G, E]
         return torch.einsum("bge,bed->bgd", gate_weights, expert_out), gate_weights  # [B, G, D_exp]
 
 
