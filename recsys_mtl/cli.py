@@ -5,8 +5,11 @@ import logging
 import os
 import sys
 import warnings
+from importlib.metadata import entry_points
 from pathlib import Path
 
+# packages that add subcommands register `add_commands(subparsers)` under this entry-point group (data_prep does)
+COMMANDS_GROUP = "recsys_mtl.commands"
 # third-party deprecation notices that say nothing about the user's run (shown with --verbose)
 KNOWN_WARNINGS = (
     ".*HeuristicalStorageReservation.*",
@@ -19,34 +22,6 @@ KNOWN_WARNINGS = (
     ".*is now DEPRECATED.*",
     ".*The topology was constructed directly.*",
 )
-
-
-# synth and prepare run data_prep (which builds on this package): the only commands that import it
-def _synth(args: argparse.Namespace) -> None:
-    from data_prep.synth import WorldConfig, generate_world
-
-    cfg = WorldConfig(
-        impressions=args.impressions,
-        users=args.users,
-        items=args.items,
-        ads=args.ads,
-        days=args.days,
-        seed=args.seed,
-    )
-    generate_world(args.out, cfg, overwrite=args.overwrite, progress=not args.quiet)
-    print(f"wrote synthetic world ({cfg.impressions:,} impressions) to {args.out}")
-
-
-def _prepare(args: argparse.Namespace) -> None:
-    from data_prep.description import load_description
-    from data_prep.prepare import prepare
-
-    schema = prepare(args.raw, args.out, load_description(args.description), overwrite=args.overwrite)
-    rows = ", ".join(f"{name} {split.num_rows:,}" for name, split in schema.splits.items())
-    print(
-        f"prepared {schema.name!r} to {args.out}: {rows} rows; {len(schema.features)} features, "
-        f"{len(schema.texts)} texts, tasks {[label.task for label in schema.labels]}"
-    )
 
 
 def _encode_text(args: argparse.Namespace) -> None:
@@ -158,7 +133,6 @@ def _score(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from data_prep.synth import WorldConfig
     from recsys_mtl.config import TextConfig
 
     parser = argparse.ArgumentParser(
@@ -168,43 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    defaults = WorldConfig()
-    synth = sub.add_parser(
-        "synth",
-        help="generate a synthetic e-commerce world with a known ground truth",
-        description="Write raw parquet tables (users, items, ads, impressions/) and the oracle/ table of true "
-        "probabilities for every impression. The same seed gives the same bytes.",
-    )
-    synth.add_argument("--out", type=Path, required=True, help="output folder for the raw tables")
-    synth.add_argument(
-        "--impressions", type=int, default=defaults.impressions, help="impressions in the log (%(default)s)"
-    )
-    synth.add_argument("--users", type=int, default=defaults.users, help="number of users (%(default)s)")
-    synth.add_argument(
-        "--items", type=int, default=defaults.items, help="number of items, products and content (%(default)s)"
-    )
-    synth.add_argument("--ads", type=int, default=defaults.ads, help="number of ads (%(default)s)")
-    synth.add_argument("--days", type=int, default=defaults.days, help="days covered by the log, >= 3 (%(default)s)")
-    synth.add_argument("--seed", type=int, default=defaults.seed, help="random seed (%(default)s)")
-    synth.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    synth.add_argument("--quiet", action="store_true", help="no progress bar")
-    synth.set_defaults(func=_synth)
-
-    prep = sub.add_parser(
-        "prepare",
-        help="turn raw tables into a prepared dataset (schema.toml + parquet shards)",
-        description="Build vocabularies, dense statistics (train split only), the time/random/file split, text "
-        "tables and parquet shards, as a dataset description says. Written atomically; checked before it lands.",
-    )
-    prep.add_argument("raw", type=Path, help="folder with the raw tables")
-    prep.add_argument("--out", type=Path, required=True, help="output dataset folder")
-    prep.add_argument(
-        "--description",
-        default="synthetic",
-        help="description TOML, or a shipped one: synthetic, ali_ccp, reviews (default: %(default)s)",
-    )
-    prep.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    prep.set_defaults(func=_prepare)
+    for plugin in entry_points(group=COMMANDS_GROUP):  # data_prep's synth and prepare, which build on this package
+        plugin.load()(sub)
 
     text_defaults = TextConfig()
     enc = sub.add_parser(

@@ -56,6 +56,6 @@ def test_bad_input_is_one_line_but_a_bug_keeps_its_traceback(
     def bug(args: object) -> None:
         raise KeyError("valid")  # an internal error: must not pass for bad input
 
-    monkeypatch.setattr("recsys_mtl.cli._prepare", bug)
+    monkeypatch.setattr("data_prep.commands._prepare", bug)
     with pytest.raises(KeyError, match="valid"):
         main(["prepare", str(tmp_path), "--out", str(tmp_path / "ds")])
