@@ -73,7 +73,7 @@ $(BENCH_DATA): | $(STAMP)
 	$(BIN)/recsys-mtl encode-text $(DEMO_DIR)/dataset --quiet
 	touch $(BENCH_DATA)
 
-bench: $(STAMP) $(BENCH_DATA) ## quick benchmark suite, 6 min here (DEVICE=cpu|cuda): json + md under benchmarks/results/
+bench: $(STAMP) $(BENCH_DATA) ## quick benchmark suite, about 7 min here (DEVICE=cpu|cuda): json + md under benchmarks/results/
 	$(BIN)/python benchmarks/bench_kernels.py --device $(DEVICE) --quick
 	$(BIN)/python benchmarks/bench_scaling.py --device $(DEVICE) --sizes 1e5,1e6,1e7 --batches 1024,4096 --steps 6
 	$(BIN)/python benchmarks/bench_scale.py --device $(DEVICE) --steps 120
