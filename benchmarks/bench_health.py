@@ -35,7 +35,7 @@ SINGLE_STEPS = 15  # pairs of single steps for the cost of one measure
 
 
 @dataclasses.dataclass
-class _Side:
+class Side:
     """One variant: its trainer, its step count and every loss it saw."""
 
     name: str
@@ -66,8 +66,8 @@ def measure(config: Path, device: torch.device, steps: int, repeats: int) -> tup
     batch_size = cfg.train.batch_size
     order = ReadOrder(shuffle=True, seed=cfg.train.seed)
     batches = [b.to(device) for b in itertools.islice(read_batches(dataset, "train", batch_size, order), NUM_BATCHES)]
-    off = _Side("conflict_every = 0 (off)", build_trainer(_with_conflict_every(cfg, 0), dataset, device))
-    on = _Side(
+    off = Side("conflict_every = 0 (off)", build_trainer(_with_conflict_every(cfg, 0), dataset, device))
+    on = Side(
         f"conflict_every = {default} (default)", build_trainer(_with_conflict_every(cfg, default), dataset, device)
     )
     for side in (off, on):

@@ -11,8 +11,8 @@ and writes benchmarks/results/quality.json:
 
 with every test metric of metrics_test.json (oracle ratios and mixture health included), and quality.md: the headline
 metrics as mean ± std (sample std over the seeds). NAME: `default` (the config as it is), `shared_bottom`, `mmoe`,
-`ple` (the config with that mixture; the default's own mixture is `default`), `single_<task>` (the config on that
-task alone; cvr directly on clicked impressions).
+`ple` (the config with that mixture; the config's own mixture is `default`), `single_<task>` (the config on each of
+its tasks alone; a task after another one directly on that one's positive rows: cvr on clicked impressions).
 """
 
 import argparse
@@ -32,14 +32,10 @@ from common import RESULTS, machine
 
 from recsys_mtl.config import Config, TaskConfig, load_config
 from recsys_mtl.evaluate import evaluate_run
+from recsys_mtl.files import atomic_write_text
+from recsys_mtl.tasks import is_headline
 from recsys_mtl.train import train
 
-SINGLE = {
-    "ctr": TaskConfig("ctr"),
-    "cvr": TaskConfig("cvr", after="ctr", esmm=False),
-    "rating": TaskConfig("rating"),
-    "reads": TaskConfig("reads"),
-}
 COLUMNS = ("ctr/auc", "ratio/ctr/auc", "ctr/auc_cold", "cvr/auc_clicked", "rating/rmse", "reads/poisson_deviance")
 HEALTH = ("mixture/dead_experts",)
 
@@ -50,9 +46,10 @@ def variants(base: Config) -> dict[str, Config]:
     for arch in ("shared_bottom", "mmoe", "ple"):
         if arch != base.model.arch:
             found[arch] = dataclasses.replace(base, model=dataclasses.replace(base.model, arch=arch))
-    for name, task in SINGLE.items():
+    for task in base.tasks:  # alone; a task after another one (cvr after ctr) directly on that one's positive rows
+        single = TaskConfig(task.name, loss=task.loss, after=task.after, esmm=False)
         single_train = dataclasses.replace(base.train, early_stop_metric="")
-        found[f"single_{name}"] = dataclasses.replace(base, tasks=(task,), train=single_train)
+        found[f"single_{task.name}"] = dataclasses.replace(base, tasks=(single,), train=single_train)
     return found
 
 
@@ -67,12 +64,40 @@ def summarise(seeds: dict[int, dict[str, float]]) -> dict[str, dict]:
     }
 
 
-def markdown(results: dict[str, dict], seeds: list[int]) -> str:
+def train_variants(
+    chosen: dict[str, Config], seeds: list[int], runs: Path, device: torch.device, label: str = ""
+) -> dict[str, dict]:
+    """Train every variant with every seed into runs/<variant>-<seed> and evaluate it on the test split; `label`
+    starts its progress lines.
+
+    Returns:
+        variant -> summarise() of its test metrics per seed.
+    """
+    results = {}
+    for name, cfg in chosen.items():
+        per_seed = {}
+        for seed in seeds:
+            start = time.perf_counter()
+            run = runs / f"{name}-{seed}"
+            train(
+                dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed)), run, device, progress=False
+            )
+            per_seed[seed] = evaluate_run(run, "test", device)
+            shown = {c: round(per_seed[seed][c], 4) for c in COLUMNS if c in per_seed[seed]}
+            minutes = (time.perf_counter() - start) / 60
+            print(f"{label}{name} seed {seed} ({minutes:.1f} min): {shown}", flush=True)
+        results[name] = summarise(per_seed)
+    return results
+
+
+def markdown(results: dict[str, dict], seeds: list[int], dataset: str) -> str:
     """The headline metrics of every variant as mean ± std."""
-    columns = [c for c in (*COLUMNS, *HEALTH) if any(c in r["mean"] for r in results.values())]
+    found = {name for r in results.values() for name in r["mean"]}
+    others = sorted(name for name in found if is_headline(name) and name not in COLUMNS)
+    columns = [c for c in (*COLUMNS, *others, *HEALTH) if c in found]
     lines = [
-        f"Test split of the default synthetic world, mean ± std over seeds {seeds} (lower is better for rmse and "
-        "deviance; ratio = model / oracle).",
+        f"Test split of {dataset}, mean ± std over seeds {seeds} (lower is better for rmse and deviance; ratio = "
+        "model / oracle).",
         "",
         "| variant | " + " | ".join(columns) + " |",
         "|---|" + "---|" * len(columns),
@@ -99,21 +124,12 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     chosen = variants(base)
     if args.variants:
+        if unknown := [n for n in args.variants.split(",") if n not in chosen]:
+            parser.error(f"--variants: unknown {unknown}, expected some of {list(chosen)}")
         chosen = {name: chosen[name] for name in args.variants.split(",")}
-    device = torch.device(args.device)
-    results: dict[str, dict] = {}
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        for name, cfg in chosen.items():
-            per_seed = {}
-            for seed in seeds:
-                seeded = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed))
-                run = Path(tmp) / f"{name}-{seed}"
-                train(seeded, run, device, progress=False)
-                per_seed[seed] = evaluate_run(run, "test", device)
-                shown = {c: round(per_seed[seed][c], 4) for c in COLUMNS if c in per_seed[seed]}
-                print(f"{name} seed {seed}: {shown}", flush=True)
-            results[name] = summarise(per_seed)
+        results = train_variants(chosen, seeds, Path(tmp), torch.device(args.device))
     command = "python benchmarks/bench_quality.py " + " ".join(sys.argv[1:])
     meta = {
         "command": command,
@@ -124,9 +140,9 @@ def main() -> None:
         "minutes": (time.perf_counter() - start) / 60,
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.out}.json").write_text(json.dumps({"meta": meta, "variants": results}, indent=1) + "\n")
-    text = markdown(results, seeds)
-    (RESULTS / f"{args.out}.md").write_text(f"# {args.out}\n\n`{command}`\n\n{text}")
+    atomic_write_text(RESULTS / f"{args.out}.json", json.dumps({"meta": meta, "variants": results}, indent=1) + "\n")
+    text = markdown(results, seeds, base.dataset)
+    atomic_write_text(RESULTS / f"{args.out}.md", f"# {args.out}\n\n`{command}`\n\n{text}")
     print(text)
 
 

@@ -1,9 +1,11 @@
-"""Synthetic world generation and preparation: rows/s and peak memory at two sizes (memory must stay bounded).
+"""Synthetic world generation and preparation: rows/s and peak memory at two sizes (memory must stay bounded); the
+entities grow with the impressions (common.scaled_world).
 
 python benchmarks/bench_synth.py [--sizes 1000000 10000000]
 """
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -11,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import print_table, write_results
+from common import print_table, scaled_world, write_results
 
 CHILD = """
 import json, resource, sys, time
@@ -19,11 +21,10 @@ from pathlib import Path
 from data_prep.synth import WorldConfig, generate_world
 from data_prep.description import load_description
 from data_prep.prepare import prepare
-stage, n, raw, out = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
+stage, world, raw, out = sys.argv[1], json.loads(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
 start = time.perf_counter()
 if stage == "synth":
-    generate_world(raw, WorldConfig(impressions=n, users=max(20_000, n // 50), items=max(5_000, n // 200),
-                                    ads=max(500, n // 2000)), overwrite=True, progress=False)
+    generate_world(raw, WorldConfig(**world), overwrite=True, progress=False)
 else:
     prepare(raw, out, load_description("synthetic"), overwrite=True)
 seconds = time.perf_counter() - start
@@ -40,9 +41,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for n in args.sizes:
             raw, out = Path(tmp) / f"raw{n}", Path(tmp) / f"ds{n}"
+            world = json.dumps(dataclasses.asdict(scaled_world(n)))
             for stage in ("synth", "prepare"):
                 done = subprocess.run(
-                    [sys.executable, "-c", CHILD, stage, str(n), str(raw), str(out)],
+                    [sys.executable, "-c", CHILD, stage, world, str(raw), str(out)],
                     check=True,
                     capture_output=True,
                     text=True,

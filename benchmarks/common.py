@@ -9,7 +9,20 @@ from pathlib import Path
 
 import torch
 
+from data_prep.synth import WorldConfig
+
 RESULTS = Path(__file__).parent / "results"
+
+
+def scaled_world(impressions: int) -> WorldConfig:
+    """A world whose users, items and ads grow with `impressions` (the same history per user), never below the
+    default world's."""
+    return WorldConfig(
+        impressions=impressions,
+        users=max(20_000, impressions // 50),
+        items=max(5_000, impressions // 200),
+        ads=max(500, impressions // 2000),
+    )
 
 
 def best_of(fn: Callable[[], object], repeats: int) -> float:

@@ -57,6 +57,8 @@ class ModelConfig:
     input_norm: Literal["batch", "layer", "none"] = "none"
     dropout: float = 0.0
     gate_dropout: float = 0.0  # in training, each expert leaves each gate of each row with this chance (anti-collapse)
+    # > 0: each task also has tables of this width of its own, read by its tower alone (STEM-style); 0: none
+    task_embedding_dim: int = 8
 
     def __post_init__(self) -> None:
         if self.arch != "shared_bottom" and self.num_experts < 1:
@@ -72,6 +74,8 @@ class ModelConfig:
             raise ValueError(
                 f"model.dense_dims must be positive and cross_layers >= 0, got {self.dense_dims}, {self.cross_layers}"
             )
+        if self.task_embedding_dim < 0 or self.task_embedding_dim % 4:
+            raise ValueError(f"model.task_embedding_dim must be 0 or a multiple of 4, got {self.task_embedding_dim}")
         if not 0 <= self.gate_dropout < 1:
             raise ValueError(f"model.gate_dropout must be in [0, 1), got {self.gate_dropout}")
         if self.text_dim < 0 or not 0 <= self.dropout < 1:

@@ -131,7 +131,8 @@ def shard_model(model: MultiTaskRanker, cfg: Config, device: torch.device) -> Sh
             f"uvm_caching = {list(cfg.uvm_caching)} needs --device cuda (it caches host-memory rows on a GPU)"
         )
     pg = init_process_group(device)
-    apply_optimizer_in_backward(RowWiseAdagrad, model.ebc.parameters(), {"lr": cfg.optim.embedding_lr})
+    tables = [param for ebc in model.trained_tables() for param in ebc.parameters()]
+    apply_optimizer_in_backward(RowWiseAdagrad, tables, {"lr": cfg.optim.embedding_lr})
     model.freeze(cfg.train.freeze)
     topology = Topology(world_size=dist.get_world_size(pg), compute_device=device.type)
     planner = EmbeddingShardingPlanner(topology=topology, constraints=_constraints(model, cfg))

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 from torch.ao.quantization import PlaceholderObserver, QConfig
+from torchrec import EmbeddingBagCollection
 from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
 
 from recsys_mtl.checkpoint import fingerprint, load_checkpoint, read_progress, trained_checkpoint
@@ -63,9 +64,8 @@ def load_run(run_dir: Path, device: torch.device, int8: bool = False) -> Trained
     load_checkpoint(checkpoint, {"model": model.state_dict()}, no_dist=True)
     if int8:
         qconfig = QConfig(activation=PlaceholderObserver, weight=PlaceholderObserver.with_args(dtype=torch.qint8))
-        for name in ("ebc", "text_ebc"):
-            tables = getattr(model, name)
-            if tables is not None:
-                tables.qconfig = qconfig
-                setattr(model, name, QuantEmbeddingBagCollection.from_float(tables))
+        for name, module in list(model.named_modules()):
+            if isinstance(module, EmbeddingBagCollection):
+                module.qconfig = qconfig
+                model.set_submodule(name, QuantEmbeddingBagCollection.from_float(module))
     return TrainedRun(cfg, schema, task_specs(cfg, schema), checkpoint, model.to(device).eval())

@@ -65,6 +65,22 @@ def test_fused_update_changes_only_the_embedding_rows_of_the_batch(text_dataset:
     assert changed.tolist() == sorted(set(batch.sparse["user_id"].values().tolist()))
 
 
+def test_a_tasks_own_tables_learn_from_that_task_alone(text_dataset: Path, tiny_bert: Path) -> None:
+    trainer, dataset = _trainer(
+        text_dataset, tiny_bert, model={"task_embedding_dim": 8}, train={"schedule": "alternating"}
+    )
+    batch = _batch(dataset, 64)
+    names = ["user", "user@ctr", "user@rating"]
+    before = {name: read_table(trainer.model, name) for name in names}
+    assert before["user@ctr"].shape == (before["user"].shape[0], 8)
+    train_step(trainer, batch, step=1)  # step 1 trains ctr alone
+    changed = {name: (read_table(trainer.model, name) != before[name]).any(dim=1) for name in names}
+    users = sorted(set(batch.sparse["user_id"].values().tolist()))
+    assert changed["user"].nonzero().flatten().tolist() == users
+    assert changed["user@ctr"].nonzero().flatten().tolist() == users
+    assert not changed["user@rating"].any()
+
+
 def _steps(trainer: Trainer, dataset: Dataset, num_steps: int) -> None:
     for step, batch in enumerate(read_batches(dataset, "train", 512)):
         if step == num_steps:
@@ -102,10 +118,16 @@ def _train_and_score(trainer: Trainer, dataset: Dataset, epochs: int) -> float:
 
 
 @pytest.mark.parametrize(
-    "arch", ["mmoe", pytest.param("ple", marks=pytest.mark.slow), pytest.param("shared_bottom", marks=pytest.mark.slow)]
+    "model",
+    [
+        {"arch": "mmoe"},
+        {"arch": "mmoe", "task_embedding_dim": 0},
+        pytest.param({"arch": "ple"}, marks=pytest.mark.slow),
+        pytest.param({"arch": "shared_bottom"}, marks=pytest.mark.slow),
+    ],
 )
-def test_training_raises_ctr_auc_on_held_out_days(text_dataset: Path, tiny_bert: Path, arch: str) -> None:
-    trainer, dataset = _trainer(text_dataset, tiny_bert, model={"arch": arch})
+def test_training_raises_ctr_auc_on_held_out_days(text_dataset: Path, tiny_bert: Path, model: dict) -> None:
+    trainer, dataset = _trainer(text_dataset, tiny_bert, model=model)
     # ~250 steps on 21k rows; the oracle reaches about 0.8 on these held-out days, which hold cold items
     assert _train_and_score(trainer, dataset, epochs=3) > 0.6
 

@@ -10,15 +10,16 @@ from recsys_mtl.data.schema import Schema
 TEXT_TABLE_PREFIX = "text_"
 
 
-def build_ebc(schema: Schema, device: torch.device) -> EmbeddingBagCollection:
-    """One table per schema table, shared by the features that name it; bags are mean-pooled.
+def build_ebc(schema: Schema, device: torch.device, task: str = "", dim: int = 0) -> EmbeddingBagCollection:
+    """One table per schema table, shared by the features that name it; bags are mean-pooled. With `task`, that
+    task's own tables (`task_table_name`), `dim` wide.
 
     forward: KJT with `Schema.sparse_features` keys -> KeyedTensor of [B, D_emb] per feature.
     """
     tables = [
         EmbeddingBagConfig(
-            name=table.name,
-            embedding_dim=table.embedding_dim,
+            name=task_table_name(table.name, task) if task else table.name,
+            embedding_dim=dim if task else table.embedding_dim,
             num_embeddings=table.num_embeddings,
             feature_names=[f.name for f in schema.sparse_features if f.table == table.name],
             pooling=PoolingType.MEAN,
@@ -26,6 +27,11 @@ def build_ebc(schema: Schema, device: torch.device) -> EmbeddingBagCollection:
         for table in schema.tables
     ]
     return EmbeddingBagCollection(tables=tables, device=device)
+
+
+def task_table_name(table: str, task: str) -> str:
+    """The name of task `task`'s own copy of table `table` (`model.task_embedding_dim`)."""
+    return f"{table}@{task}"
 
 
 def build_text_ebc(schema: Schema, text_dims: dict[str, int], device: torch.device) -> EmbeddingBagCollection:

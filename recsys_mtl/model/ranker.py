@@ -6,6 +6,7 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys_mtl.config import Config, Freezable
 from recsys_mtl.data.batch import Batch
@@ -43,6 +44,8 @@ class MultiTaskRanker(nn.Module):
     Sparse features go through `ebc` (trainable, fused optimizer); text features through frozen tables of precomputed
     BERT vectors (`text_ebc`, detached) or a fine-tuned BERT (`text_finetuner`), then a trainable projection each;
     dense features through a small MLP. Their concatenation [B, D_in] feeds the mixture; its T outputs feed the towers.
+    With `model.task_embedding_dim`, each task also has tables of its own (`task_ebcs`, STEM-style: a sparse task's
+    ids learn from its own gradients, not drowned by the dense tasks' ones), which only its tower reads.
     """
 
     def __init__(
@@ -58,6 +61,12 @@ class MultiTaskRanker(nn.Module):
         self.sparse_names = [f.name for f in schema.sparse_features]
         self.num_sparse = len(self.sparse_names)
         self.ebc = build_ebc(schema, device or torch.device("meta"))
+        own_dim = cfg.model.task_embedding_dim
+        self.task_ebcs = (
+            nn.ModuleDict({t: build_ebc(schema, device or torch.device("meta"), t, own_dim) for t in self.task_names})
+            if own_dim
+            else None
+        )
         self.text_names = [t.name for t in schema.texts] if cfg.model.text_dim > 0 else []
         self.text_ebc: EmbeddingBagCollection | None = None
         self.text_finetuner: TextFinetuner | None = None
@@ -79,13 +88,19 @@ class MultiTaskRanker(nn.Module):
         self.input_norm = norms[cfg.model.input_norm](in_dim) if cfg.model.input_norm in norms else nn.Identity()
         self.cross = CrossNet(in_dim, cfg.model.cross_layers) if cfg.model.cross_layers else nn.Identity()
         self.mixture = Mixture(in_dim, len(cfg.tasks), cfg.model)
+        tower_dim = self.mixture.out_dim + own_dim * self.num_sparse
         self.towers = nn.ModuleDict(
-            {t: TaskTower(self.mixture.out_dim, cfg.model.tower_dims, cfg.model.dropout) for t in self.task_names}
+            {t: TaskTower(tower_dim, cfg.model.tower_dims, cfg.model.dropout) for t in self.task_names}
         )
 
+    def trained_tables(self) -> list[EmbeddingBagCollection]:
+        """The collections of trained tables: the shared ones, then each task's own."""
+        return [self.ebc, *cast(dict[str, EmbeddingBagCollection], self.task_ebcs or {}).values()]
+
     def table_names(self) -> list[str]:
-        """The embedding tables: the sparse features' tables, then the text tables (`TEXT_TABLE_PREFIX` + text)."""
-        collections = [self.ebc] if self.text_ebc is None else [self.ebc, self.text_ebc]
+        """The embedding tables: the sparse features' tables, the tasks' own tables (`task_table_name`), then the
+        text tables (`TEXT_TABLE_PREFIX` + text)."""
+        collections = [*self.trained_tables(), *([] if self.text_ebc is None else [self.text_ebc])]
         return [c.name for ebc in collections for c in ebc.embedding_bag_configs()]
 
     def freeze(self, parts: tuple[Freezable, ...]) -> None:
@@ -121,15 +136,26 @@ class MultiTaskRanker(nn.Module):
             vectors = {name: v.detach() for name, v in vectors.items()}
         return [self.text_projections[name](vectors[name]) for name in self.text_names]
 
+    def pooled(self, ebc: nn.Module, sparse_kjt: KeyedJaggedTensor) -> list[Tensor]:
+        """`ebc`'s pooled embeddings, one [B, D_emb] per sparse feature in schema order (a sharded collection orders
+        its output by shard)."""
+        pooled = ebc(sparse_kjt).to_dict()
+        return [pooled[name] for name in self.sparse_names]
+
     def forward(self, batch: Batch) -> RankerOutput:
         sparse_kjt = batch.sparse.split([self.num_sparse, len(batch.sparse.keys()) - self.num_sparse])[0]
-        pooled = self.ebc(sparse_kjt).to_dict()  # feature -> [B, D_emb]; a sharded EBC orders its output by shard
-        parts = [*(pooled[name] for name in self.sparse_names), *self.text_features(batch)]
+        parts = [*self.pooled(self.ebc, sparse_kjt), *self.text_features(batch)]
         if self.dense_mlp is not None:
             parts.append(self.dense_mlp(batch.dense))  # [B, D_dense]
         features = torch.cat(parts, dim=1)  # [B, D_in]
         task_inputs, gate_weights = self.mixture(self.cross(self.input_norm(features)))  # [B, T, D_exp], [B, T, E]
-        logits = {t: self.towers[t](task_inputs[:, i]) for i, t in enumerate(self.task_names)}
+        tower_inputs = list(task_inputs.unbind(1))  # T x [B, D_exp]
+        if self.task_ebcs is not None:  # each tower also reads its task's own embeddings: [B, D_exp + F * D_own]
+            tower_inputs = [
+                torch.cat([x, *self.pooled(ebc, sparse_kjt)], 1)
+                for x, ebc in zip(tower_inputs, self.task_ebcs.values(), strict=True)
+            ]
+        logits = {t: self.towers[t](x) for t, x in zip(self.task_names, tower_inputs, strict=True)}
         return RankerOutput(logits=logits, gate_weights=gate_weights)
 
     def tower_weights(self) -> list[Tensor]:
