@@ -124,7 +124,8 @@ def measure(
 def markdown(results: dict[str, dict[int, dict]], seeds: list[int]) -> str:
     """The headline metrics of every world, size and variant as mean ± std."""
     lines = [
-        f"Test split, mean ± std over seeds {seeds} (lower is better for rmse and deviance; ratio = model / oracle). "
+        f"Test split, {'mean ± std over seeds' if len(seeds) > 1 else 'seed'} {seeds} (lower is better for rmse and "
+        "deviance; ratio = model / oracle). "
         "default: the default world's users, items and ads; scaled: users N/50, items N/200, ads N/2000, at least "
         "the default's.",
         "",
@@ -136,7 +137,10 @@ def markdown(results: dict[str, dict[int, dict]], seeds: list[int]) -> str:
             world_cfg = WORLDS[world](size)
             for name, result in by_variant.items():
                 mean, std = result["mean"], result["std"]
-                cells = [f"{mean[c]:.4f} ± {std[c]:.4f}" if c in mean else "—" for c in COLUMNS]
+                cells = [
+                    "—" if c not in mean else f"{mean[c]:.4f} ± {std[c]:.4f}" if len(seeds) > 1 else f"{mean[c]:.4f}"
+                    for c in COLUMNS
+                ]
                 head = f"| {world} | {size:,} | {world_cfg.users:,} | {world_cfg.items:,} | {name} | "
                 lines.append(head + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -153,7 +157,7 @@ def plot(results: dict[str, dict[int, dict]], path: Path) -> None:
             if points:
                 means = [r["mean"][PLOTTED] for r in points.values()]
                 stds = [r["std"][PLOTTED] for r in points.values()]
-                label = f"{world} / {name}"
+                label = f"{world} world, {name}"
                 ax.errorbar(
                     list(points), means, yerr=stds, color=f"C{colour}", linestyle=style, label=label, marker="o"
                 )
