@@ -41,8 +41,8 @@ import matplotlib.pyplot as plt
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_quality import COLUMNS, train_variants, variants
-from common import RESULTS, machine, scaled_world
+from bench_quality import COLUMNS, run_meta, train_variants, variants
+from common import RESULTS, scaled_world
 
 from data_prep.description import load_description
 from data_prep.prepare import prepare
@@ -203,7 +203,6 @@ def main() -> None:
         parser.error(f"--variants: unknown {unknown}, expected some of {list(variants(base))}")
     keep = args.keep.resolve() if args.keep else None  # the dataset names its oracle files by absolute path
     device = torch.device(args.device)
-    command = "python benchmarks/bench_data_scaling.py " + " ".join(sys.argv[1:])
     results: dict[str, dict[int, dict]] = {world: {} for world in worlds}
     done: dict[WorldConfig, dict[str, dict]] = {}  # up to 10^6 impressions both worlds are the default one
     start = time.perf_counter()
@@ -216,15 +215,8 @@ def main() -> None:
                 with world_folder(keep, f"{world}-{size}") as folder:
                     done[world_cfg] = measure(world_cfg, f"{world} {size:,}", folder, base, names, seeds, device)
             results[world][size] = done[world_cfg]
-            meta = {
-                "command": command,
-                **machine(),
-                "config": args.config,
-                "overrides": args.set,
-                "seeds": seeds,
-                "minutes": (time.perf_counter() - start) / 60,
-                "entities": {w: {s: dataclasses.asdict(WORLDS[w](s)) for s in r} for w, r in results.items()},
-            }
+            entities = {w: {s: dataclasses.asdict(WORLDS[w](s)) for s in r} for w, r in results.items()}
+            meta = {**run_meta(args, seeds, start), "entities": entities}
             write_outputs(args.out, results, meta, seeds)
     print(markdown(results, seeds))
     print(f"wrote {RESULTS / args.out}.json, .md and .png")

@@ -90,6 +90,19 @@ def train_variants(
     return results
 
 
+def run_meta(args: argparse.Namespace, seeds: list[int], start: float) -> dict[str, object]:
+    """The results file's meta: the command line, the machine, the config and its overrides, the seeds and the
+    minutes since `start` (a perf_counter reading)."""
+    return {
+        "command": f"python benchmarks/{Path(sys.argv[0]).name} " + " ".join(sys.argv[1:]),
+        **machine(),
+        "config": args.config,
+        "overrides": args.set,
+        "seeds": seeds,
+        "minutes": (time.perf_counter() - start) / 60,
+    }
+
+
 def markdown(results: dict[str, dict], seeds: list[int], dataset: str) -> str:
     """The headline metrics of every variant as mean ± std."""
     found = {name for r in results.values() for name in r["mean"]}
@@ -130,19 +143,11 @@ def main() -> None:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         results = train_variants(chosen, seeds, Path(tmp), torch.device(args.device))
-    command = "python benchmarks/bench_quality.py " + " ".join(sys.argv[1:])
-    meta = {
-        "command": command,
-        **machine(),
-        "config": args.config,
-        "overrides": args.set,
-        "seeds": seeds,
-        "minutes": (time.perf_counter() - start) / 60,
-    }
+    meta = run_meta(args, seeds, start)
     RESULTS.mkdir(exist_ok=True)
     atomic_write_text(RESULTS / f"{args.out}.json", json.dumps({"meta": meta, "variants": results}, indent=1) + "\n")
     text = markdown(results, seeds, base.dataset)
-    atomic_write_text(RESULTS / f"{args.out}.md", f"# {args.out}\n\n`{command}`\n\n{text}")
+    atomic_write_text(RESULTS / f"{args.out}.md", f"# {args.out}\n\n`{meta['command']}`\n\n{text}")
     print(text)
 
 
