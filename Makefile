@@ -6,7 +6,7 @@ DEVICE ?= cpu
 DEMO_DIR ?= demo_out
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help install install-gpu test test-all test-gpu lint fmt typecheck demo bench bench-full clean
+.PHONY: help install install-gpu test test-all test-gpu lint fmt typecheck demo demo-continuous bench bench-full clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -64,6 +64,12 @@ demo: $(STAMP) ## the main job on the default synthetic world: data, texts, MMoE
 	$(BIN)/recsys-mtl evaluate $(DEMO_DIR)/runs/mmoe --split test --baselines $(DEMO_DIR)/runs/single_*
 	$(BIN)/recsys-mtl score $(DEMO_DIR)/runs/mmoe $(DEMO_DIR)/dataset --split test --out $(DEMO_DIR)/scores --overwrite --quiet
 	@echo "report: $(DEMO_DIR)/runs/mmoe/report_test.md, scores: $(DEMO_DIR)/scores"
+
+demo-continuous: $(STAMP) ## training on tomorrow's data: a drifting world replayed day by day (frozen, incremental, retrain)
+	rm -rf $(DEMO_DIR)/continuous
+	$(BIN)/python benchmarks/bench_continuous.py --days 10 --first-week 4 --impressions 200000 --users 5000 \
+	  --items 1500 --keep $(DEMO_DIR)/continuous --out continuous_demo
+	@echo "results: benchmarks/results/continuous_demo.md (.json, .png); datasets and runs: $(DEMO_DIR)/continuous"
 
 BENCH_DATA := $(DEMO_DIR)/dataset/.bench-ready
 

@@ -7,6 +7,8 @@ from pathlib import Path
 from data_prep.description import load_description
 from data_prep.prepare import prepare
 from data_prep.synth import WorldConfig, generate_world
+from recsys_mtl.data.description import read_description
+from recsys_mtl.data.encode import DESCRIPTION_FILE
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -29,6 +31,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     synth.add_argument("--ads", type=int, default=defaults.ads, help="number of ads (%(default)s)")
     synth.add_argument("--days", type=int, default=defaults.days, help="days covered by the log, >= 3 (%(default)s)")
     synth.add_argument("--seed", type=int, default=defaults.seed, help="random seed (%(default)s)")
+    synth.add_argument(
+        "--taste-drift", type=float, default=0.0, help="latent units a user's taste moves per day (0: none)"
+    )
+    synth.add_argument(
+        "--item-half-life", type=float, default=0.0, help="days for an item's popularity to halve (0: never)"
+    )
+    synth.add_argument(
+        "--price-drift", type=float, default=0.0, help="log units an item's price moves per day (0: none)"
+    )
     synth.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     synth.add_argument("--quiet", action="store_true", help="no progress bar")
     synth.set_defaults(func=_synth)
@@ -43,8 +54,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     prep.add_argument("--out", type=Path, required=True, help="output dataset folder")
     prep.add_argument(
         "--description",
-        default="synthetic",
-        help="description TOML, or a shipped one: synthetic, ali_ccp, reviews (default: %(default)s)",
+        help="description TOML, or a shipped one: synthetic, ali_ccp, reviews (default: synthetic; with --from, "
+        "the parent's)",
+    )
+    prep.add_argument(
+        "--from",
+        dest="parent",
+        type=Path,
+        help="a prepared dataset this raw data continues (the next day): its ids keep their indices, new ones are "
+        "added, its dense statistics and text vectors are kept",
     )
     prep.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     prep.set_defaults(func=_prepare)
@@ -58,15 +76,25 @@ def _synth(args: argparse.Namespace) -> None:
         ads=args.ads,
         days=args.days,
         seed=args.seed,
+        taste_drift=args.taste_drift,
+        item_half_life=args.item_half_life,
+        price_drift=args.price_drift,
     )
     generate_world(args.out, cfg, overwrite=args.overwrite, progress=not args.quiet)
     print(f"wrote synthetic world ({cfg.impressions:,} impressions) to {args.out}")
 
 
 def _prepare(args: argparse.Namespace) -> None:
-    schema = prepare(args.raw, args.out, load_description(args.description), overwrite=args.overwrite)
+    if args.parent is not None and args.description is None:
+        desc = read_description(args.parent / DESCRIPTION_FILE)
+    else:
+        desc = load_description(args.description or "synthetic")
+    schema = prepare(args.raw, args.out, desc, overwrite=args.overwrite, parent=args.parent)
     rows = ", ".join(f"{name} {split.num_rows:,}" for name, split in schema.splits.items())
     print(
         f"prepared {schema.name!r} to {args.out}: {rows} rows; {len(schema.features)} features, "
         f"{len(schema.texts)} texts, tasks {[label.task for label in schema.labels]}"
     )
+    if args.parent is not None:
+        grown = ", ".join(f"{t.name} {t.num_embeddings:,}" for t in schema.tables if t.encoding == "vocab")
+        print(f"continues {args.parent}: tables (rows) {grown}; run encode-text to encode only new or changed texts")

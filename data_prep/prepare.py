@@ -3,16 +3,22 @@
 Everything is a polars lazy query over the raw files (scan -> join -> encode -> sink), so data larger than memory
 streams through. Vocabularies and dense statistics come from the train split only. The dataset is written to a
 temporary folder, checked against its schema, and renamed into place.
+
+With a parent dataset (`prepare --from`: the next period's data), the parent's encoding is extended, never changed:
+every known value keeps its index and new ones are appended (the tables grow), text keys keep their rows, the dense
+statistics are the parent's (a model trained on it reads the new rows the same way), and the parent's text vectors
+are carried over so that `encode-text` encodes only new or changed texts.
 """
 
 import logging
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import polars as pl
 import tomli_w
 
-from recsys_mtl.data.description import Description, FeatureDesc, LabelDesc, TextDesc
+from recsys_mtl.data.description import Description, FeatureDesc, LabelDesc, TextDesc, read_description
 from recsys_mtl.data.encode import (
     DESCRIPTION_FILE,
     Encoder,
@@ -29,6 +35,7 @@ from recsys_mtl.data.encode import (
 )
 from recsys_mtl.data.schema import (
     SPLITS,
+    TEXT_EMB,
     FeatureSpec,
     LabelSpec,
     OracleSpec,
@@ -37,46 +44,57 @@ from recsys_mtl.data.schema import (
     TableSpec,
     TextSpec,
     check_dataset,
+    read_table,
 )
-from recsys_mtl.errors import InputError, reading
+from recsys_mtl.errors import InputError, MissingInputError, reading
 
 if TYPE_CHECKING:
     from polars._typing import PolarsDataType
 from recsys_mtl.files import atomic_dir, atomic_write_text, check_output
-from recsys_mtl.structs import to_mapping
+from recsys_mtl.structs import list_differences, to_mapping
 
 log = logging.getLogger(__name__)
 SPLIT, FILE = "__split", "__file"
 TEXT_SEPARATOR = ". "
 
 
-def prepare(raw: Path, out: Path, desc: Description, overwrite: bool = False) -> Schema:
-    """Prepare the raw source in `raw` as described by `desc`, writing the dataset folder `out`.
+def prepare(raw: Path, out: Path, desc: Description, overwrite: bool = False, parent: Path | None = None) -> Schema:
+    """Prepare the raw source in `raw` as described by `desc`, writing the dataset folder `out`; with `parent`, as
+    the next period of that prepared dataset (see the module).
 
     Returns:
         The schema written to `out/schema.toml`.
 
     Raises:
-        MissingInputError: a raw file named by the description is missing.
+        MissingInputError: a raw file named by the description is missing; `parent` is not a prepared dataset.
         OutputExistsError: `out` exists and not `overwrite`.
-        InputError: `out` is, contains or lies inside `raw`; a raw file cannot be read, or its parquet files
-            disagree; a raw column is missing or has the wrong type; in any split, a label is outside its domain (NaN
-            included) or a dense value is not finite (or negative under log1p); a split is empty.
+        InputError: `out` is, contains or lies inside `raw` or `parent`; `desc` is not the parent's description; a raw
+            file cannot be read, or its parquet files disagree; a raw column is missing or has the wrong type, or an
+            id column's values do not cast to the parent vocabulary's dtype; in any split, a label is outside its
+            domain (NaN included) or a dense value is not finite (or negative under log1p); a split is empty.
     """
     raw = Path(raw)
-    check_output(out, raw)
+    check_output(out, raw, *([parent] if parent is not None else []))
+    parent_schema = None
+    if parent is not None:
+        parent = Path(parent)
+        parent_schema = _check_parent(parent, desc)
     # polars reads lazily: a raw file it cannot parse fails at the first collect or sink, anywhere below
     with atomic_dir(out, overwrite) as tmp, reading(raw):
         rows = _scan_rows(raw, desc)
         _check_columns(rows, desc, raw)
         _check_values(rows, desc, raw)
         train = rows.filter(pl.col(SPLIT) == "train")
-        log.info("building vocabularies from the train split")
-        tables, vocabs = _build_tables(train, desc, tmp / "vocab")
+        log.info("building vocabularies from the train split" + (f", extending {parent}'s" if parent else ""))
+        tables, vocabs = _build_tables(train, desc, tmp / "vocab", parent)
         encoders = feature_encoders(desc, {t.name: t for t in tables}, vocabs, train.collect_schema())
         log.info("writing text tables")
-        texts = [_build_text(raw, rows, text, desc, tmp / "text", encoders) for text in desc.texts]
-        dense = _dense_stats(train, [f for f in desc.features if f.kind == "dense"])
+        texts = [_build_text(raw, rows, text, desc, tmp / "text", encoders, parent) for text in desc.texts]
+        if parent is None or parent_schema is None:
+            dense = _dense_stats(train, [f for f in desc.features if f.kind == "dense"])
+        else:  # kept, so that a model trained on the parent reads the new rows the same way
+            dense = {f.name: f for f in parent_schema.dense_features}
+            _carry_text_vectors(parent, tmp)
         features = tuple(
             dense.get(f.name) or FeatureSpec(name=f.name, kind=f.kind, table=f.table or f.name) for f in desc.features
         )
@@ -95,12 +113,40 @@ def prepare(raw: Path, out: Path, desc: Description, overwrite: bool = False) ->
             keys=desc.keys,
             splits=splits,
             oracle=_oracle(raw, desc),
+            parent=str(Path(parent).resolve()) if parent is not None else "",
         )
         schema.save(tmp)
         atomic_write_text(tmp / DESCRIPTION_FILE, tomli_w.dumps(to_mapping(desc)))  # to encode raw rows for scoring
         check_dataset(tmp, schema)
     log.info("prepared %s: %s", out, ", ".join(f"{s} {splits[s].num_rows:,} rows" for s in SPLITS))
     return schema
+
+
+def _check_parent(parent: Path, desc: Description) -> Schema:
+    """The parent dataset's schema, after checking that `desc` is the description it was prepared with.
+
+    Raises:
+        MissingInputError: `parent` has no schema.toml or description.toml.
+        InputError: the descriptions differ (every difference listed).
+    """
+    schema = Schema.load(parent)
+    path = Path(parent) / DESCRIPTION_FILE
+    if not path.is_file():
+        raise MissingInputError(f"{path} is missing: prepare the parent dataset again to prepare its next period")
+    differences = list_differences(to_mapping(read_description(path)), to_mapping(desc), ("parent", "given"))
+    if differences:
+        raise InputError(
+            f"--from {parent}: the description differs from the parent's ({'; '.join(differences)}); the next period "
+            "is prepared with the parent's description (omit --description)"
+        )
+    return schema
+
+
+def _carry_text_vectors(parent: Path, out: Path) -> None:
+    """Copy the parent's text vectors (`encode-text` keeps those whose key and text are unchanged)."""
+    source = parent / TEXT_EMB
+    if source.is_dir():
+        shutil.copytree(source, out / TEXT_EMB)
 
 
 def _oracle(raw: Path, desc: Description) -> OracleSpec | None:
@@ -218,10 +264,10 @@ def _label_spec(label: LabelDesc) -> LabelSpec:
 
 
 def _build_tables(
-    train: pl.LazyFrame, desc: Description, vocab_dir: Path
+    train: pl.LazyFrame, desc: Description, vocab_dir: Path, parent: Path | None = None
 ) -> tuple[list[TableSpec], dict[str, pl.DataFrame]]:
     """One embedding table per distinct `table` of the id / multi-hot features; the vocabularies, also written to
-    `vocab_dir/<table>.parquet` (value, index)."""
+    `vocab_dir/<table>.parquet` (value, index), extending the parent's when there is one."""
     vocab_dir.mkdir()
     schema = train.collect_schema()
     tables, vocabs = [], {}
@@ -231,7 +277,9 @@ def _build_tables(
         if opts.hash_buckets:
             tables.append(TableSpec(name, num_embeddings=opts.hash_buckets + 1, embedding_dim=dim, encoding="hash"))
         else:
-            vocab = _vocabulary(train, features, table_dtype(features, schema), opts.min_count)
+            known = read_table(parent / "vocab" / f"{name}.parquet") if parent is not None else None
+            dtype = known["value"].dtype if known is not None else table_dtype(features, schema)
+            vocab = _vocabulary(train, features, dtype, opts.min_count, known)
             vocab.write_parquet(vocab_dir / f"{name}.parquet")
             vocabs[name] = vocab
             tables.append(TableSpec(name, num_embeddings=vocab.height + 1, embedding_dim=dim))
@@ -239,9 +287,18 @@ def _build_tables(
 
 
 def _vocabulary(
-    train: pl.LazyFrame, features: list[FeatureDesc], dtype: "PolarsDataType", min_count: int
+    train: pl.LazyFrame,
+    features: list[FeatureDesc],
+    dtype: "PolarsDataType",
+    min_count: int,
+    known: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
-    """value -> index (1.., most frequent first, ties by value), for values seen >= min_count times in train."""
+    """value -> index (1.., most frequent first, ties by value), for values seen >= min_count times in train; after
+    the `known` vocabulary (value, index 1..n), which keeps every row, when given.
+
+    Raises:
+        InputError: a feature's values do not cast to `dtype` (the parent vocabulary's).
+    """
     parts = []
     for f in features:
         values = raw_values(f)
@@ -249,13 +306,29 @@ def _vocabulary(
         parts.append(train.select(values.cast(dtype).alias("value")))
     counts = pl.concat(parts).drop_nulls().group_by("value").agg(pl.len().alias("count"))
     counts = counts.filter(pl.col("count") >= min_count).sort(["count", "value"], descending=[True, False])
-    return counts.collect().with_row_index("index", offset=1).with_columns(pl.col("index").cast(pl.Int64))
+    try:
+        fresh = counts.collect()
+    except pl.exceptions.InvalidOperationError as err:
+        names = [f.source for f in features]
+        raise InputError(f"columns {names}: the values do not cast to the vocabulary's dtype {dtype} ({err})") from None
+    if known is not None:
+        fresh = fresh.join(known.select("value"), on="value", how="anti", maintain_order="left")
+    start = 1 if known is None else known.height + 1
+    fresh = fresh.with_row_index("index", offset=start).with_columns(pl.col("index").cast(pl.Int64))
+    return fresh if known is None else pl.concat([known, fresh])  # a known value keeps its row (and first count)
 
 
 def _build_text(
-    raw: Path, rows: pl.LazyFrame, text: TextDesc, desc: Description, text_dir: Path, encoders: dict[str, Encoder]
+    raw: Path,
+    rows: pl.LazyFrame,
+    text: TextDesc,
+    desc: Description,
+    text_dir: Path,
+    encoders: dict[str, Encoder],
+    parent: Path | None = None,
 ) -> TextSpec:
-    """Write text/<name>.parquet (id 1.., key, text) and register the key -> id encoding of the feature."""
+    """Write text/<name>.parquet (id 1.., key, text) and register the key -> id encoding of the feature. With a
+    parent, its keys keep their ids (and take their new text, if any), new keys follow."""
     text_dir.mkdir(exist_ok=True)
     if text.path is None:
         source = rows
@@ -272,9 +345,18 @@ def _build_text(
         .unique("key", keep="first", maintain_order=True)
         .sort("key")
         .collect()
-        .with_row_index("id", offset=1)
-        .with_columns(pl.col("id").cast(pl.Int64))
     )
+    start = 1
+    if parent is not None:
+        known = read_table(parent / "text" / f"{text.name}.parquet")
+        table = table.with_columns(pl.col("key").cast(known["key"].dtype))
+        updated = known.join(table, on="key", how="left", maintain_order="left")
+        kept = updated.select("id", "key", pl.coalesce("text_right", "text").alias("text"))
+        table = table.join(known.select("key"), on="key", how="anti", maintain_order="left")
+        start = known.height + 1
+    table = table.with_row_index("id", offset=start).with_columns(pl.col("id").cast(pl.Int64))
+    if parent is not None:
+        table = pl.concat([kept, table])
     table.write_parquet(text_dir / f"{text.name}.parquet")
     encoders[text.name] = text_encoder(text.key, table, text.name)
     return TextSpec(name=text.name, key=text.key, num_texts=table.height + 1)

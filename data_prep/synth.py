@@ -7,6 +7,11 @@ never-seen items be ranked.
 
 Generation is vectorised numpy, chunk by chunk (bounded memory), with one seed per chunk derived from `seed`:
 the same config gives the same bytes.
+
+A world can drift (all off by default, which leaves the default world as it was, byte for byte): users' tastes move
+along a direction of their own (`taste_drift` latent units per day), items fade after launch (their popularity halves
+every `item_half_life` days), and prices change (each item's price moves by `price_drift` in log units per day, up or
+down, as conversions see it; the catalogue keeps the launch price). A model that never updates falls behind.
 """
 
 import math
@@ -41,8 +46,14 @@ class WorldConfig:
     seed: int = 0
     latent_dim: int = 8
     chunk_rows: int = 500_000
+    taste_drift: float = 0.0  # latent units a user's taste moves per day
+    item_half_life: float = 0.0  # days for an item's popularity to halve after launch; 0: it never fades
+    price_drift: float = 0.0  # log-price units an item's price moves per day (as conversions see it)
 
     def __post_init__(self) -> None:
+        for name in ("taste_drift", "item_half_life", "price_drift"):
+            if getattr(self, name) < 0:
+                raise InputError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         for name in ("impressions", "users", "items", "ads", "latent_dim", "chunk_rows"):
             if getattr(self, name) < 1:
                 raise InputError(f"--{name} must be >= 1, got {getattr(self, name)}")
@@ -90,6 +101,9 @@ class World:
         self._make_users(rng, k)
         self._make_items(rng, k, num_product_cats)
         self._make_ads(rng)
+        drift = np.random.default_rng([cfg.seed, 1])  # a stream of its own: the world without drift is unchanged
+        self.user_drift = drift.normal(0, 1, (cfg.users, k)) / math.sqrt(k)  # unit-length directions on average
+        self.item_price_drift = drift.choice([-1.0, 1.0], cfg.items)
 
     def _make_users(self, rng: np.random.Generator, k: int) -> None:
         n = self.cfg.users
@@ -224,9 +238,12 @@ class World:
         self, day: int, n: int, first_id: int, rng: np.random.Generator
     ) -> tuple[pl.DataFrame, pl.DataFrame]:
         """Draw `n` impressions of `day`. Returns (impressions, oracle), both with n rows in the same order."""
+        cfg = self.cfg
         users = _draw(_cdf(self.user_weight), rng, n)
         age = day - self.item_launch
         item_weight = self.item_popularity * (age >= 0) * np.where(age < 3, NEW_ITEM_BOOST, 1.0)
+        if cfg.item_half_life > 0:
+            item_weight = item_weight * 0.5 ** (np.maximum(age, 0) / cfg.item_half_life)
         organic = _draw(_cdf(item_weight), rng, n)
         live_ads = self.ad_bid * (self.ad_launch <= day)
         is_ad = (rng.random(n) < AD_SHARE) & (live_ads.sum() > 0)
@@ -236,7 +253,8 @@ class World:
         hour = _draw(_cdf(HOUR_WEIGHTS), rng, n)
         device = np.where(rng.random(n) < 0.8, self.user_device[users], rng.integers(0, 3, n))
 
-        u = self.user_latent[users]  # [n, k]
+        u = self.user_latent[users] + cfg.taste_drift * day * self.user_drift[users]  # [n, k]
+        relative_price = self.item_relative_price[items] + cfg.price_drift * day * self.item_price_drift[items]
         affinity = np.einsum("nk,nk->n", u, self.item_latent[items])
         click_logit = (
             -3.8
@@ -254,10 +272,7 @@ class World:
         conv_logit = np.where(
             content,
             -3.0 + 0.4 * affinity + 0.5 * quality,
-            -1.9
-            + 0.5 * affinity
-            + 0.8 * quality
-            - self.user_price_sensitivity[users] * self.item_relative_price[items],
+            -1.9 + 0.5 * affinity + 0.8 * quality - self.user_price_sensitivity[users] * relative_price,
         )
         p_conv = _sigmoid(conv_logit)
         p_rating = _sigmoid(0.6 + 1.5 * quality + 0.3 * affinity + self.user_rating_bias[users])

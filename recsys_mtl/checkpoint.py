@@ -39,7 +39,7 @@ from recsys_mtl.config import Config
 from recsys_mtl.data.schema import Schema
 from recsys_mtl.distributed import world
 from recsys_mtl.errors import InputError, MissingInputError, reading
-from recsys_mtl.structs import from_mapping, to_mapping
+from recsys_mtl.structs import from_mapping, list_differences, to_mapping
 
 PROGRESS_FILE = "progress.json"
 METADATA_FILE = ".metadata"
@@ -123,7 +123,7 @@ class SafeReader(FileSystemReader):
     def __init__(self, path: Path) -> None:
         super().__init__(Path(path))
         self.metadata = read_metadata(Path(path))
-        self.checksums = _read_progress_file(Path(path)).checksums
+        self.checksums = read_progress_file(Path(path)).checksums
         self.reading: Path | None = None  # the file being read, for error messages
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
@@ -168,27 +168,6 @@ def fingerprint(cfg: Config, schema: Schema) -> dict[str, Any]:
         "tables": {t.name: [t.num_embeddings, t.embedding_dim] for t in schema.tables},
         "texts": {t.name: t.num_texts for t in schema.texts},
     }
-
-
-def list_differences(saved: Any, current: Any, names: tuple[str, str] = ("checkpoint", "config")) -> list[str]:
-    """Every leaf where two JSON-like trees differ, as `key.sub: <names[0]> old, <names[1]> new` (sorted keys)."""
-    return _differences(saved, current, names, "")
-
-
-def _differences(saved: Any, current: Any, names: tuple[str, str], prefix: str) -> list[str]:
-    if isinstance(saved, dict) and isinstance(current, dict):
-        return [
-            d
-            for key in sorted(set(saved) | set(current))
-            for d in _differences(saved.get(key), current.get(key), names, f"{prefix}.{key}" if prefix else key)
-        ]
-    if isinstance(saved, list | tuple) and isinstance(current, list | tuple) and len(saved) == len(current):
-        return [
-            d
-            for i, pair in enumerate(zip(saved, current, strict=True))
-            for d in _differences(*pair, names, f"{prefix}[{i}]")
-        ]
-    return [] if saved == current else [f"{prefix}: {names[0]} {saved!r}, {names[1]} {current!r}"]
 
 
 def save_checkpoint(path: Path, state: dict[str, Any], progress: Progress) -> None:
@@ -316,7 +295,7 @@ def _check_stored(info: Any, folder: Path, metadata_file: Path) -> None:
         )
 
 
-def _read_progress_file(path: Path) -> Progress:
+def read_progress_file(path: Path) -> Progress:
     file = Path(path) / PROGRESS_FILE
     if not file.is_file():
         raise MissingInputError(f"{path}: no checkpoint ({PROGRESS_FILE} missing)")
@@ -337,7 +316,7 @@ def read_progress(path: Path, expected: dict[str, Any]) -> Progress:
         InputError: a malformed progress.json, or a fingerprint that differs from `expected` (listing every
             difference).
     """
-    progress = _read_progress_file(path)
+    progress = read_progress_file(path)
     differences = list_differences(progress.fingerprint, expected)
     if differences:
         raise InputError(f"{path} does not match the config: " + "; ".join(differences))

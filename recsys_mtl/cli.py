@@ -59,6 +59,8 @@ def _train(args: argparse.Namespace) -> None:
     if run_dir is None:
         raise InputError("give --out RUN_DIR or run_dir in the config")
     cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
+    if args.init_from is not None:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=str(args.init_from.resolve())))
     device = _device(args.device)
     with process_group(device):
         result = train(cfg, run_dir, device, resume=args.resume, progress=not args.quiet)
@@ -167,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train a multi-task model (validation, early stopping, checkpoints, JSONL + TensorBoard metrics)",
         description="Train the model a TOML config describes. The resolved config is saved in the run dir; "
-        "--resume continues a killed run from its last checkpoint.",
+        "--resume continues a killed run from its last checkpoint; --init-from starts from another run (the next day).",
     )
     tr.add_argument("--config", type=Path, required=True, help="TOML config (see configs/)")
     tr.add_argument("--out", type=Path, help="run dir (default: run_dir of the config)")
@@ -176,6 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume",
         action="store_true",
         help="continue from RUN_DIR/checkpoints/last under the run's config (only how long and how often may change)",
+    )
+    tr.add_argument(
+        "--init-from",
+        type=Path,
+        metavar="RUN_DIR",
+        help="start from a trained run's model and optimizer state (its best checkpoint, else its last), on its "
+        "dataset or on one prepared from it with prepare --from (tables grow); recorded as train.init_from",
     )
     tr.add_argument("--device", default="cpu", help="cpu or cuda (%(default)s)")
     tr.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -56,9 +56,13 @@ class ModelConfig:
     # normalise the concatenated features (their scales differ): helps without cross layers and text, not with them
     input_norm: Literal["batch", "layer", "none"] = "none"
     dropout: float = 0.0
-    gate_dropout: float = 0.0  # in training, each expert leaves each gate of each row with this chance (anti-collapse)
+    # in training, each expert leaves each gate of each row with this chance: with `balance`, no expert dies (README)
+    gate_dropout: float = 0.1
     # > 0: each task also has tables of this width of its own, read by its tower alone (STEM-style); 0: none
     task_embedding_dim: int = 8
+    # how the tasks' gradients on the shared expert outputs combine: summed, or each scaled to its weight's share of
+    # their mean norm (experts.GradientBalance; measured better on rating, cvr and reads, README Quality)
+    balance: Literal["none", "norm"] = "norm"
 
     def __post_init__(self) -> None:
         if self.arch != "shared_bottom" and self.num_experts < 1:
@@ -151,6 +155,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # steps between checkpoints; 0: at every validation and at the end
     checkpoint_minutes: float = 10.0  # also a checkpoint when this long has passed since the last one; 0: never
     early_stop_metric: str = ""  # e.g. "ctr/auc"; "": the first task's main metric
+    init_from: str = ""  # a trained run dir to start from (`train --init-from`; see warm_start.py); "": from scratch
     patience: int = 2  # validations without improvement before stopping
 
     def __post_init__(self) -> None:

@@ -18,6 +18,7 @@ from recsys_mtl.data.batch import Batch
 from recsys_mtl.data.loader import Dataset
 from recsys_mtl.distributed import ShardedRanker, shard_model, world
 from recsys_mtl.model.embeddings import TEXT_TABLE_PREFIX, write_table
+from recsys_mtl.model.experts import raw_gradients
 from recsys_mtl.model.losses import MultiTaskLoss, active_tasks
 from recsys_mtl.model.ranker import RankerOutput, autocast
 from recsys_mtl.run import build_ranker
@@ -135,7 +136,8 @@ def _task_gradients(trainer: Trainer, task_means: Tensor) -> list[list[Tensor]]:
     shared = trainer.sharded.module.shared_parameters()
     grads = []
     for mean in task_means:
-        task_grads = torch.autograd.grad(mean, shared, retain_graph=True, allow_unused=True)
+        with raw_gradients(trainer.sharded.module):
+            task_grads = torch.autograd.grad(mean, shared, retain_graph=True, allow_unused=True)
         grads.append([torch.zeros_like(p) if g is None else g for p, g in zip(shared, task_grads, strict=True)])
     return grads
 

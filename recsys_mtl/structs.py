@@ -118,3 +118,24 @@ def to_mapping(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: to_mapping(v) for k, v in obj.items()}
     return obj
+
+
+def list_differences(saved: Any, current: Any, names: tuple[str, str] = ("checkpoint", "config")) -> list[str]:
+    """Every leaf where two JSON-like trees differ, as `key.sub: <names[0]> old, <names[1]> new` (sorted keys)."""
+    return _differences(saved, current, names, "")
+
+
+def _differences(saved: Any, current: Any, names: tuple[str, str], prefix: str) -> list[str]:
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return [
+            d
+            for key in sorted(set(saved) | set(current))
+            for d in _differences(saved.get(key), current.get(key), names, f"{prefix}.{key}" if prefix else key)
+        ]
+    if isinstance(saved, list | tuple) and isinstance(current, list | tuple) and len(saved) == len(current):
+        return [
+            d
+            for i, pair in enumerate(zip(saved, current, strict=True))
+            for d in _differences(*pair, names, f"{prefix}[{i}]")
+        ]
+    return [] if saved == current else [f"{prefix}: {names[0]} {saved!r}, {names[1]} {current!r}"]

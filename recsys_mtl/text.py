@@ -17,13 +17,12 @@ from tqdm import tqdm
 from transformers import AutoModel, AutoTokenizer
 
 from recsys_mtl.config import TextConfig
-from recsys_mtl.data.schema import Schema, read_table
+from recsys_mtl.data.schema import TEXT_EMB, Schema, read_table
 from recsys_mtl.errors import InputError, MissingInputError
 from recsys_mtl.files import atomic_file
 
 log = logging.getLogger(__name__)
 PACKAGED_MODEL = "all-MiniLM-L6-v2"
-TEXT_EMB = "text_emb"
 
 
 def resolve_model(name: str) -> Path:

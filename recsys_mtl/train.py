@@ -1,9 +1,10 @@
 """The training loop: validation, early stopping, metrics logs, checkpoints and resume.
 
 metrics.jsonl holds one JSON object a line, {"kind", "step", metrics...}: "train" (running means of the step losses and
-samples_per_s, every `train.log_every` steps), "valid" (every validation) and "health" (every `train.conflict_every`
-steps: the cosine of each pair of tasks' gradients on the last shared layer, "conflict/<a>~<b>", and their mean,
-"conflict/mean"; see step.gradient_cosines). TensorBoard gets the same numbers as "<kind>/<metric>".
+samples_per_s, every `train.log_every` steps), "valid" (every validation, with "weight/<task>": the loss weight each
+task had then) and "health" (every `train.conflict_every` steps: the cosine of each pair of tasks' gradients on the
+last shared layer, "conflict/<a>~<b>", and their mean, "conflict/mean"; see step.gradient_cosines). TensorBoard gets
+the same numbers as "<kind>/<metric>".
 
 A run dir holds one run (config.toml, checkpoints/, metrics.jsonl, tensorboard/) and one writer: `train` holds it
 locked throughout. A plain train never starts over an existing run, and a resume continues the run only under the
@@ -30,7 +31,6 @@ from recsys_mtl.checkpoint import (
     Progress,
     check_link,
     fingerprint,
-    list_differences,
     load_checkpoint,
     read_progress,
     save_checkpoint,
@@ -44,11 +44,14 @@ from recsys_mtl.evaluate import Predictor, split_metrics
 from recsys_mtl.files import atomic_write_text, locked
 from recsys_mtl.metrics import format_metric
 from recsys_mtl.step import CONFLICT_PREFIX, Trainer, build_trainer, train_step, training_state
+from recsys_mtl.structs import list_differences
 from recsys_mtl.tasks import TaskSpec, better, headline_metric
+from recsys_mtl.warm_start import parent_checkpoint, warm_start
 
 log = logging.getLogger(__name__)
 CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
+WEIGHT_PREFIX = "weight/"  # validation metrics "weight/<task>": the task's loss weight at that step
 RUN_FILES = (CONFIG_FILE, "checkpoints", METRICS_FILE)  # any of them: the dir holds a run
 # what a resume may change: how long to train, how often to log, validate and checkpoint, the patience, where the
 # run dir is and how tables are placed; how often the gradient conflict is measured (the steps stay the same, to the
@@ -221,6 +224,8 @@ def _train(cfg: Config, run_dir: Path, device: torch.device, resume: bool, progr
     position = Progress(fingerprint(cfg, dataset.schema))
     if resume:
         position = _resume(trainer, (checkpoints / "last").resolve(), position.fingerprint)
+    elif cfg.train.init_from:
+        warm_start(trainer, parent_checkpoint(Path(cfg.train.init_from), cfg, dataset.schema))
     position.world_size = world_size
     if rank == 0:
         cfg.save(run_dir / CONFIG_FILE)
@@ -391,6 +396,8 @@ def _validate(run: _Run) -> bool:
     trainer = run.trainer
     predictor = Predictor(trainer.model, trainer.specs, trainer.cfg, trainer.device)
     metrics, _ = split_metrics(predictor, run.dataset, "valid")
+    weights = trainer.loss.weights().tolist()  # the task weights in use (they move under uncertainty and gradnorm)
+    metrics |= {f"{WEIGHT_PREFIX}{s.name}": w for s, w in zip(trainer.specs, weights, strict=True)}
     run.valid.append(metrics)
     run.metrics.write("valid", position.step, metrics)
     if run.metric not in metrics:

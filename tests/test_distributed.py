@@ -130,3 +130,17 @@ def test_two_ranks_reach_the_metrics_of_one(text_dataset: Path, tiny_bert: Path,
     records = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     assert records[-1]["step"] == one.steps + 21_428 // 512  # a third epoch at 2 ranks of 256 rows
     assert [r for r in records if r["kind"] == "valid"][-1]["ctr/auc"] > 0.6
+
+    # a 2-rank run starts from the 1-rank run (--init-from) and records it
+    child = [*command, "--config", str(config), "--out", str(tmp_path / "child"), "--quiet"]
+    done = subprocess.run(
+        [*child, "--init-from", str(tmp_path / "one"), "--set", "train.max_steps=4", "--set", "train.eval_every=4"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert load_config(tmp_path / "child" / "config.toml").train.init_from == str((tmp_path / "one").resolve())
+    child_valid = [json.loads(line) for line in (tmp_path / "child" / "metrics.jsonl").read_text().splitlines()]
+    assert child_valid[-1]["ctr/auc"] > 0.6  # a trained model from the first step

@@ -3,14 +3,14 @@ import torch
 import torch.nn.functional as F
 
 from recsys_mtl.config import ModelConfig
-from recsys_mtl.model.experts import ExpertStack, Mixture
+from recsys_mtl.model.experts import ExpertStack, GradientBalance, Mixture
 
 NUM_TASKS, IN_DIM, BATCH = 3, 12, 8
 
 
 def _mixture(arch: str) -> Mixture:
     torch.manual_seed(0)
-    cfg = ModelConfig(arch=arch, num_experts=4, num_task_experts=2, num_levels=2, expert_dims=(16, 6))
+    cfg = ModelConfig(arch=arch, num_experts=4, num_task_experts=2, num_levels=2, expert_dims=(16, 6), gate_dropout=0.0)
     return Mixture(IN_DIM, NUM_TASKS, cfg)
 
 
@@ -77,3 +77,40 @@ def test_gate_dropout_drops_experts_in_training_only() -> None:
     plain.load_state_dict(mixture.state_dict())
     plain.eval()
     torch.testing.assert_close(plain(x)[1], gates)
+
+
+def _expert_grads(balance: str, weights: tuple[float, ...]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Gradients of every mixture parameter, and of the expert outputs, for a weighted sum of the tasks' outputs."""
+    torch.manual_seed(0)
+    mixture = Mixture(IN_DIM, NUM_TASKS, ModelConfig(arch="mmoe", num_experts=4, expert_dims=(16, 6), balance=balance))
+    task_inputs, _ = mixture(torch.randn(BATCH, IN_DIM))
+    sum(w * task_inputs[:, t].sum() for t, w in enumerate(weights)).backward()
+    return [p.grad for p in mixture.parameters()], mixture.levels[0].balance.running_norms
+
+
+def test_balance_norm_rescales_only_the_shared_part_and_ignores_loss_scales() -> None:
+    plain, _ = _expert_grads("none", (1.0, 10.0, 100.0))
+    balanced, norms = _expert_grads("norm", (1.0, 10.0, 100.0))
+    torch.testing.assert_close(balanced[0], plain[0])  # the gates (task-specific) keep their gradients
+    assert not torch.allclose(balanced[1], plain[1])  # the experts' sum is rebalanced
+    # each task pulls the experts as hard as the others: the tasks' loss scales no longer change the direction
+    unscaled, unscaled_norms = _expert_grads("norm", (1.0, 1.0, 1.0))
+    torch.testing.assert_close(norms, unscaled_norms * torch.tensor([1.0, 10.0, 100.0]))  # first step: as seen
+    direction = [torch.cat([g.flatten() for g in grads[1:]]) for grads in (balanced, unscaled)]
+    torch.testing.assert_close(direction[0] / direction[0].norm(), direction[1] / direction[1].norm())
+
+
+def test_balance_norm_gives_each_task_its_share_of_the_mean_norm() -> None:
+    gate_weights = torch.ones(1, 2, 1)  # [B=1, G=2, E=1]
+    grad = torch.tensor([[[2.0, 0.0], [0.0, 4.0]]])  # [B, G, D=2]: norms 2 and 4
+    balance = GradientBalance("norm", [1.0, 3.0])  # shares 0.5 and 1.5 of the mean norm 3
+    torch.testing.assert_close(balance(gate_weights, grad), torch.tensor([0.75, 1.125]))  # 0.5 * 3 / 2, 1.5 * 3 / 4
+    torch.testing.assert_close(balance.running_norms, torch.tensor([2.0, 4.0]))
+    balance(gate_weights, grad * torch.tensor([1.0, 0.0])[:, None])  # task 1 without labels this step
+    torch.testing.assert_close(balance.running_norms, torch.tensor([2.0, 4.0]))  # it keeps its running norm
+    # the norm of a gate's gradient on the expert outputs, computed without building it
+    weights, grads = torch.rand(5, 2, 3), torch.randn(5, 2, 4)
+    fresh = GradientBalance("norm", [1.0, 1.0])
+    fresh(weights, grads)
+    built = weights[..., None] * grads[:, :, None, :]  # [B, G, E, D]
+    torch.testing.assert_close(fresh.running_norms, built.transpose(0, 1).flatten(1).norm(dim=1))

@@ -12,6 +12,7 @@ from recsys_mtl.data.loader import Dataset, ReadOrder, read_batches
 from recsys_mtl.errors import InputError
 from recsys_mtl.metrics import auc
 from recsys_mtl.model.embeddings import TEXT_TABLE_PREFIX, read_table
+from recsys_mtl.model.experts import raw_gradients
 from recsys_mtl.step import CONFLICT_PREFIX, Trainer, build_trainer, gradient_cosines, predict_batch, train_step
 from tests.conftest import tiny_config
 
@@ -235,13 +236,19 @@ def test_a_task_without_a_gradient_is_left_out_of_the_cosines() -> None:
     assert gradient_cosines({"ctr": [torch.tensor([1.0, 0.0])], "cvr": [torch.zeros(2)]}) == {}
 
 
-@pytest.mark.parametrize("weighting", ["fixed", "gradnorm"])
+@pytest.mark.parametrize(("weighting", "balance"), [("fixed", "none"), ("gradnorm", "none"), ("fixed", "norm")])
 def test_measuring_the_conflict_leaves_the_steps_bit_identical(
-    text_dataset: Path, tiny_bert: Path, weighting: str
+    text_dataset: Path, tiny_bert: Path, weighting: str, balance: str
 ) -> None:
     runs = []
     for measure in (False, True):
-        trainer, dataset = _trainer(text_dataset, tiny_bert, loss={"weighting": weighting}, train={"id_dropout": 0.1})
+        trainer, dataset = _trainer(
+            text_dataset,
+            tiny_bert,
+            loss={"weighting": weighting},
+            model={"balance": balance},
+            train={"id_dropout": 0.1},
+        )
         batches = itertools.islice(read_batches(dataset, "train", 512, ReadOrder(shuffle=True, seed=3)), 3)
         metrics = [train_step(trainer, b, step, measure_conflict=measure) for step, b in enumerate(batches)]
         runs.append((trainer, metrics))
@@ -293,10 +300,11 @@ def test_the_conflict_is_the_cosine_of_the_task_gradients_on_the_last_shared_lay
     _, task_means = reference.loss(output.logits, batch.labels, batch.masks, torch.ones(4))
     (shared,) = ranker.shared_parameters()
     grads = []
-    for mean in task_means:
-        shared.grad = None
-        mean.backward(retain_graph=True)
-        grads.append(shared.grad.flatten().clone())
+    with raw_gradients(ranker):  # each task's own gradient, as the tasks' gradients are before balancing
+        for mean in task_means:
+            shared.grad = None
+            mean.backward(retain_graph=True)
+            grads.append(shared.grad.flatten().clone())
     names = ["ctr", "cvr", "rating", "reads"]
     expected = {
         f"conflict/{names[i]}~{names[j]}": F.cosine_similarity(grads[i], grads[j], dim=0).item()

@@ -1,3 +1,4 @@
+import dataclasses
 import hashlib
 import math
 from pathlib import Path
@@ -349,3 +350,62 @@ def test_embedding_dim_that_no_table_can_take_is_refused_when_the_description_lo
     (raw / "toy.toml").write_text(TOY_DESCRIPTION.replace("min_count = 2", "min_count = 2\nembedding_dim = 30"))
     with pytest.raises(InputError, match=r"\[tables\.item\] in .*toy\.toml: embedding_dim must be a positive multiple"):
         load_description(raw / "toy.toml")
+
+
+def test_the_next_period_extends_the_parents_encoding(tmp_path: Path) -> None:
+    from recsys_mtl.cli import main
+
+    raw = _toy_raw(tmp_path / "raw")
+    parent = prepare(raw, tmp_path / "day1", load_description(raw / "toy.toml"))
+    (tmp_path / "day1" / "text_emb").mkdir()
+    (tmp_path / "day1" / "text_emb" / "title.parquet").write_bytes(b"vectors")
+    # day 2: items 1 and 2 again, item 5 new (no catalog row: no text), item 3 now in train; prices changed
+    raw2 = _toy_raw(tmp_path / "raw2", item=[5, 5, 2, 1, 5, 3, 3, 3, 6, 2])
+    pl.DataFrame(
+        {
+            "item": [1, 2, 3, 4, 7],
+            "tags": ["a|d", "b", None, "c", "d"],
+            "price": [1e4, 1.0, 5.0, 1.0, 2.0],
+            "title": ["red shoe", "blue cap", "new bag", "old box", "gift"],
+        }
+    ).write_csv(raw2 / "items.csv")
+    assert main(["prepare", str(raw2), "--out", str(tmp_path / "day2"), "--from", str(tmp_path / "day1")]) == 0
+    schema = Schema.load(tmp_path / "day2")
+    assert schema.parent == str((tmp_path / "day1").resolve())
+    for table in ("item", "tags"):
+        old = pl.read_parquet(tmp_path / "day1" / "vocab" / f"{table}.parquet")
+        new = pl.read_parquet(tmp_path / "day2" / "vocab" / f"{table}.parquet")
+        assert new.head(old.height).equals(old)  # every old value keeps its index
+        assert new["index"].to_list() == list(range(1, new.height + 1))
+        assert schema.table(table).num_embeddings == new.height + 1
+    item_vocab = pl.read_parquet(tmp_path / "day2" / "vocab" / "item.parquet")
+    # train: item 5 on 3 rows is added; item 3 on 1 row is not (min_count 2); item 1 on 1 row stays (known)
+    assert item_vocab.select("value", "index").rows() == [(1, 1), (2, 2), (5, 3)]
+    tags = pl.read_parquet(tmp_path / "day2" / "vocab" / "tags.parquet")
+    assert tags["value"].to_list() == ["b", "a", "d"]
+    assert schema.dense_features == parent.dense_features  # the parent's statistics, not day 2's prices
+    titles = pl.read_parquet(tmp_path / "day2" / "text" / "title.parquet")
+    assert titles.rows() == [
+        (1, 1, "red shoe"),
+        (2, 2, "blue cap"),
+        (3, 3, "new bag"),
+        (4, 4, "old box"),
+        (5, 7, "gift"),
+    ]
+    assert (tmp_path / "day2" / "text_emb" / "title.parquet").read_bytes() == b"vectors"  # encode-text reuses them
+    train = pl.read_parquet(tmp_path / "day2" / "train")
+    assert train["item"].to_list()[:3] == [3, 3, 2]  # raw 5, 5, 2
+
+
+def test_the_next_period_refuses_another_description_and_its_parent_as_output(tmp_path: Path) -> None:
+    raw = _toy_raw(tmp_path / "raw")
+    desc = load_description(raw / "toy.toml")
+    prepare(raw, tmp_path / "day1", desc)
+    other = dataclasses.replace(desc, embedding_dim=8)
+    with pytest.raises(
+        InputError, match=r"description differs from the parent's \(embedding_dim: parent None, given 8"
+    ):
+        prepare(raw, tmp_path / "day2", other, parent=tmp_path / "day1")
+    with pytest.raises(InputError, match="lies inside the input"):
+        prepare(raw, tmp_path / "day1", desc, overwrite=True, parent=tmp_path / "day1")
+    assert Schema.load(tmp_path / "day1").splits["train"].num_rows == 6  # untouched

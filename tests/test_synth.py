@@ -1,3 +1,4 @@
+import dataclasses
 import hashlib
 from pathlib import Path
 
@@ -109,3 +110,33 @@ def test_existing_output_is_kept_without_overwrite(tmp_path: Path) -> None:
     with pytest.raises(FileExistsError, match="--overwrite"):
         generate_world(out, WorldConfig(impressions=100, users=10, items=60, ads=2, days=3), progress=False)
     assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_a_drifting_world_starts_as_the_still_one_and_moves_away(tmp_path: Path) -> None:
+    cfg = WorldConfig(impressions=16_000, users=300, items=200, ads=20, days=8, seed=5, chunk_rows=4_000)
+    still = generate_world(tmp_path / "still", cfg, progress=False)
+    moving = generate_world(tmp_path / "moving", dataclasses.replace(cfg, taste_drift=0.3, price_drift=0.2), False)
+    fading = generate_world(tmp_path / "fading", dataclasses.replace(cfg, item_half_life=2.0), progress=False)
+    for table in ("users.parquet", "items.parquet", "ads.parquet"):
+        assert pl.read_parquet(still / table).equals(pl.read_parquet(moving / table))
+
+    def day(world: Path, d: int) -> pl.DataFrame:
+        part = f"part-{d:05d}.parquet"  # one chunk of 2,000 rows a day
+        return pl.read_parquet(world / "impressions" / part).join(
+            pl.read_parquet(world / "oracle" / part), on="impression_id"
+        )
+
+    assert day(still, 0).equals(day(moving, 0))
+    assert day(still, 0).equals(day(fading, 0))
+    # tastes and prices move: the same impressions (users, items) get ever more different click and buy chances
+    for d in range(8):
+        assert day(still, d).select("user_id", "item_id").equals(day(moving, d).select("user_id", "item_id"))
+    for column in ("p_click", "p_conversion"):
+        gaps = [(day(moving, d)[column] - day(still, d)[column]).abs().mean() for d in (1, 4, 7)]
+        assert 0 < gaps[0] < gaps[1] < gaps[2], column
+    # items fade: by day 7 (3.5 half-lives) the items of day 0 get a much smaller share of the impressions
+    launch = pl.read_parquet(still / "items.parquet").select("item_id", "launch_day")
+    old_share = [day(world, 7).join(launch, on="item_id")["launch_day"].eq(0).mean() for world in (still, fading)]
+    assert old_share[1] < old_share[0] - 0.2
+    with pytest.raises(InputError, match="--price-drift must be >= 0"):
+        WorldConfig(price_drift=-1.0)

@@ -6,6 +6,7 @@ A prepared dataset is a folder:
     train/ valid/ test/         parquet shards of integer-encoded rows
     vocab/<table>.parquet       raw value -> index, for every vocabulary-encoded table
     text/<name>.parquet         index -> raw key, text, for every text feature
+    text_emb/<name>.parquet     the texts' BERT vectors (`recsys-mtl encode-text`; see recsys_mtl.text)
 
 Shard columns, by kind: id features Int64 (0 = unknown), multi-hot List(Int64), dense Float32 (raw, finite or null;
 the reader applies `transform` and the train-split `mean` / `std`), text features Int64 (row of the text table, 0 = no
@@ -26,6 +27,7 @@ from recsys_mtl.files import atomic_write_text
 from recsys_mtl.structs import from_mapping, read_toml, to_mapping
 
 SCHEMA_FILE = "schema.toml"
+TEXT_EMB = "text_emb"
 SPLITS = ("train", "valid", "test")
 FORMAT_VERSION = 1
 KEY_PREFIX = "key_"
@@ -138,6 +140,7 @@ class Schema:
     oracle: OracleSpec | None = None
     format_version: int = FORMAT_VERSION
     source: str = ""
+    parent: str = ""  # the dataset this one continues (`prepare --from`), whose indices and dense statistics it keeps
 
     def __post_init__(self) -> None:
         if self.format_version != FORMAT_VERSION:

@@ -6,9 +6,15 @@
   and below the last level a shared gate mixes all of them for the next level's shared experts.
 
 All experts of a level are computed together (weights stacked as [E, in, out], one batched matmul per layer).
+
+With `model.balance`, the tasks' gradients on the last level's expert outputs (the shared representation) are balanced
+before they are summed: one backward still reaches the experts and the fused embedding tables, only the sum changes.
 """
 
+import contextlib
 import math
+from collections.abc import Iterator
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -42,6 +48,92 @@ class ExpertStack(nn.Module):
         return hidden
 
 
+class GradientBalance(nn.Module):
+    """How the tasks' gradients on the shared expert outputs are combined (`model.balance`).
+
+    none: summed as they are. norm: task t's gradient is scaled to share_t times the mean of the tasks' gradient norms
+    (each norm a running mean over steps; the shares are the tasks' weights over their mean): the tasks pull the shared
+    part as hard as their weights say, whatever their loss scales or label counts. Their own towers and gates are
+    untouched.
+    """
+
+    running_norms: Tensor  # [G] buffers, registered in __init__
+    shares: Tensor
+
+    def __init__(self, mode: str, shares: list[float], momentum: float = 0.9) -> None:
+        super().__init__()
+        self.mode = mode
+        self.momentum = momentum
+        self.enabled = True  # see `raw_gradients`
+        self.register_buffer("running_norms", torch.zeros(len(shares)), persistent=mode == "norm")
+        self.register_buffer("shares", torch.tensor(shares) / max(sum(shares) / len(shares), 1e-12), persistent=False)
+
+    @torch.no_grad()
+    def forward(self, gate_weights: Tensor, grad: Tensor) -> Tensor:
+        """The scale of each gate's gradient.
+
+        Args:
+            gate_weights: [B, G, E]. grad: [B, G, D] the gradient on each gate's mixture; gate g's gradient on the
+                expert outputs is then gate_weights[:, g, :, None] * grad[:, g, None, :], whose norm is computed
+                without building it: |w_b|^2 |g_b|^2 summed over rows b.
+
+        Returns:
+            [G] the factor each gate's gradient is multiplied by before the gates' gradients are summed.
+        """
+        if not self.enabled:
+            return torch.ones(grad.shape[1], device=grad.device)
+        squares = (gate_weights.float() ** 2).sum(-1) * (grad.float() ** 2).sum(-1)  # [B, G]
+        norms = squares.sum(0).sqrt()  # [G]
+        seen = norms > 0  # a task without a labelled row in the batch has no gradient and keeps its running norm
+        first = seen & (self.running_norms == 0)
+        blended = torch.where(first, norms, self.momentum * self.running_norms + (1 - self.momentum) * norms)
+        self.running_norms.copy_(torch.where(seen, blended, self.running_norms))
+        known = self.running_norms > 0
+        target = self.running_norms[known].mean() if known.any() else norms.new_ones(())
+        return torch.where(known, self.shares * target / self.running_norms.clamp(min=1e-12), 1.0)
+
+
+@contextlib.contextmanager
+def raw_gradients(model: nn.Module) -> Iterator[None]:
+    """Within it, the tasks' gradients on the expert outputs are summed as they are and no running norm moves: for
+    gradients taken outside the training backward (the conflict measure, GradNorm), which must leave the step as
+    it was."""
+    balances = [m for m in model.modules() if isinstance(m, GradientBalance)]
+    for balance in balances:
+        balance.enabled = False
+    try:
+        yield
+    finally:
+        for balance in balances:
+            balance.enabled = True
+
+
+class _BalancedMix(torch.autograd.Function):
+    """mix = gate_weights @ expert_out per gate, whose backward combines the gates' gradients on expert_out with a
+    GradientBalance instead of summing them."""
+
+    @staticmethod
+    def forward(ctx, gate_weights: Tensor, expert_out: Tensor, balance: GradientBalance) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(gate_weights, expert_out)
+        ctx.balance = balance
+        return torch.einsum("bge,bed->bgd", gate_weights, expert_out)  # [B, G, D]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:  # type: ignore[override]
+        gate_weights, expert_out = ctx.saved_tensors
+        grad_gates = torch.einsum("bgd,bed->bge", grad, expert_out)  # [B, G, E]: each gate's own, unscaled
+        scale = ctx.balance(gate_weights, grad).to(grad.dtype)  # [G]
+        grad_experts = torch.einsum("bge,bgd->bed", gate_weights, grad * scale[:, None])  # [B, E, D]
+        return grad_gates, grad_experts, None
+
+
+def mix(gate_weights: Tensor, expert_out: Tensor, balance: GradientBalance | None) -> Tensor:
+    """[B, G, E] gate weights, [B, E, D] expert outputs -> [B, G, D] one mixture per gate."""
+    if balance is None or balance.mode == "none" or not torch.is_grad_enabled():
+        return torch.einsum("bge,bed->bgd", gate_weights, expert_out)
+    return _BalancedMix.apply(gate_weights, expert_out, balance)
+
+
 class MixtureLevel(nn.Module):
     """One level: experts plus G softmax gates (T task gates, and a shared gate if `shared_gate`).
 
@@ -68,6 +160,7 @@ class MixtureLevel(nn.Module):
         self.gates = nn.Parameter(torch.randn(in_dim, num_gates, num_experts) * 0.01)
         self.num_gates = num_gates
         self.gate_dropout = cfg.gate_dropout
+        self.balance: GradientBalance | None = None  # set on the last level by Mixture
 
     def forward(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
         """Mix the experts.
@@ -90,13 +183,14 @@ class MixtureLevel(nn.Module):
             kept = routable & (torch.rand(logits.shape, device=logits.device) >= self.gate_dropout)  # [B, G, E]
             routable = torch.where(kept.any(-1, keepdim=True), kept, routable)  # a gate left with none keeps all
         gate_weights = logits.masked_fill(~routable, float("-inf")).softmax(-1)  # [B, G, E]
-        return torch.einsum("bge,bed->bgd", gate_weights, expert_out), gate_weights  # [B, G, D_exp]
+        return mix(gate_weights, expert_out, self.balance), gate_weights  # [B, G, D_exp]
 
 
 class Mixture(nn.Module):
     """The configured mixture. forward: x [B, D_in] -> ([B, T, D_exp] one input per tower, [B, T, E] gate weights)."""
 
-    def __init__(self, in_dim: int, num_tasks: int, cfg: ModelConfig) -> None:
+    def __init__(self, in_dim: int, num_tasks: int, cfg: ModelConfig, shares: list[float] | None = None) -> None:
+        """shares: each task's share of the shared gradient under `model.balance = "norm"` (default: equal)."""
         super().__init__()
         if cfg.arch == "shared_bottom":
             shape = [(1, 0)]
@@ -110,6 +204,8 @@ class Mixture(nn.Module):
             )
             for i, (shared, task) in enumerate(shape)
         )
+        last = cast(MixtureLevel, self.levels[-1])
+        last.balance = GradientBalance(cfg.balance, shares or [1.0] * num_tasks)
         self.num_tasks = num_tasks
         self.expert_names = [f"shared{i}" for i in range(shape[-1][0])] + [
             f"task{t}.{i}" for t in range(num_tasks) for i in range(shape[-1][1])
