@@ -68,7 +68,7 @@ demo: $(STAMP) ## the main job on the default synthetic world: data, texts, MMoE
 demo-continuous: $(STAMP) ## training on tomorrow's data: a drifting world replayed day by day (frozen, incremental, retrain)
 	rm -rf $(DEMO_DIR)/continuous
 	$(BIN)/python benchmarks/bench_continuous.py --days 10 --first-week 4 --impressions 200000 --users 5000 \
-	  --items 1500 --keep $(DEMO_DIR)/continuous --out continuous_demo
+	  --items 1500 --seeds 0 --keep $(DEMO_DIR)/continuous --out continuous_demo
 	@echo "results: benchmarks/results/continuous_demo.md (.json, .png); datasets and runs: $(DEMO_DIR)/continuous"
 
 BENCH_DATA := $(DEMO_DIR)/dataset/.bench-ready

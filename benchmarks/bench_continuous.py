@@ -13,10 +13,14 @@ saw go to the unknown row) and is judged on their labels: ctr/auc, ctr/auc_cold 
 judged day or in the two days before: at most one or two updates have seen them), cvr/auc_clicked, rating/rmse,
 reads/poisson_deviance, and what the update cost (train_seconds, train_rows). Writes benchmarks/results/continuous.json:
 
-    {"meta": {...}, "days": [DAY, ...], "strategies": {"frozen" | "incremental" | "retrain": {metric: [one per day]}}}
+    {"meta": {...}, "days": [DAY, ...], "strategies": {"frozen" | "incremental" | "retrain": {metric: [one per day]}},
+     "seeds": {SEED: {strategy: {metric: [one per day]}}}}
 
-with continuous.md (the means over the days) and continuous.png (metric per day per strategy; cumulative compute).
-Each day's dataset splits its rows by time (the last 10% validate); the config is the demo one (`--config`).
+"strategies" holds the means over the seeds (`--seeds`, train.seed of every run; the world and datasets are built
+once); continuous.md the means over the days (± the std over seeds) and continuous.png the metric per day per strategy
+and the cumulative compute.
+Each dataset splits its rows at random (5% validate); the config is the demo one (`--config`, `--set`), with
+`--update-set` overrides for the incremental updates.
 """
 
 import argparse
@@ -49,6 +53,7 @@ from recsys_mtl.train import train
 STRATEGIES = ("frozen", "incremental", "retrain")
 METRICS = ("ctr/auc", "ctr/auc_cold", "cvr/auc_clicked", "rating/rmse", "reads/poisson_deviance")
 SIDE_TABLES = ("users.parquet", "items.parquet", "ads.parquet")
+COSTS = ("train_seconds", "train_rows")
 COLD_DAYS = 2  # ctr/auc_cold: impressions of items launched on the judged day or in the 2 days before
 
 
@@ -67,9 +72,12 @@ def day_folder(world: Path, days: range, out: Path) -> Path:
 
 
 def daily_description() -> Description:
-    """The synthetic description, split by timestamp (a day's rows: 85% train, 10% valid, 5% test)."""
+    """The synthetic description with a random split (94% train, 5% valid, 1% test) instead of the last days: every
+    strategy then trains on the same share of every hour of every day (a split by time would hold out the end of each
+    day from the daily updates, but only the end of the last day from a retraining)."""
     desc = load_description("synthetic")
-    return dataclasses.replace(desc, split=dataclasses.replace(desc.split, column="ts", valid=0.10, test=0.05))
+    split = dataclasses.replace(desc.split, method="random", column=None, valid=0.05, test=0.01)
+    return dataclasses.replace(desc, split=split)
 
 
 def build(raw: Path, out: Path, desc: Description, cfg: Config, parent: Path | None = None) -> Path:
@@ -114,20 +122,23 @@ def judge(run: Path, next_day: Path, day: int, out: Path) -> dict[str, float]:
     }
 
 
-def markdown(days: list[int], results: dict[str, dict[str, list[float]]]) -> str:
-    columns = [*METRICS, "train_seconds", "train_rows"]
+def markdown(days: list[int], per_seed: dict[int, dict[str, dict[str, list[float]]]]) -> str:
+    """Per strategy, each metric's mean over the days, as the mean ± std of that over the seeds."""
+    columns = [*METRICS, *COSTS]
     lines = [
         f"Means over the {len(days)} replayed days {days[0]}..{days[-1]} (each model judged on the day after its last "
-        "update; train_* per update).",
+        f"update; train_* per update), mean ± std over seeds {list(per_seed)}.",
         "",
         "| strategy | " + " | ".join(columns) + " |",
         "|---|" + "---|" * len(columns),
     ]
-    for name, values in results.items():
-        cells = [
-            f"{statistics.fmean(values[c]):.4f}" if c in METRICS else f"{statistics.fmean(values[c]):,.1f}"
-            for c in columns
-        ]
+    for name in STRATEGIES:
+        cells = []
+        for column in columns:
+            means = [statistics.fmean(results[name][column]) for results in per_seed.values()]
+            std = statistics.stdev(means) if len(means) > 1 else 0.0
+            digits = ".4f" if column in METRICS else ",.1f"
+            cells.append(f"{statistics.fmean(means):{digits}} ± {std:{digits}}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -169,6 +180,7 @@ def main() -> None:
     parser.add_argument(
         "--update-set", action="append", default=[], metavar="KEY=VALUE", help="override for incremental updates"
     )
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated train.seed values (%(default)s)")
     parser.add_argument("--days", type=int, default=21)
     parser.add_argument("--first-week", type=int, default=7, help="days the first model trains on (%(default)s)")
     parser.add_argument("--impressions", type=int, default=630_000)
@@ -195,6 +207,7 @@ def main() -> None:
         price_drift=args.price_drift,
     )
     desc = daily_description()
+    seeds = [int(seed) for seed in args.seeds.split(",")]
     start = time.perf_counter()
     if args.keep is not None and args.keep.exists() and any(args.keep.iterdir()):
         parser.error(f"--keep {args.keep}: not empty; give an empty or new folder")
@@ -203,35 +216,48 @@ def main() -> None:
     try:
         world = generate_world(work / "world", world_cfg, overwrite=True, progress=False)
         first = args.first_week
-        base = build(day_folder(world, range(first), work / "raw-first"), work / "data-first", desc, cfg)
-        seconds, rows = fit(cfg, base, work / "run-first")
         days = list(range(first + 1, args.days))  # judged days: after updating on the day before
-        results = {s: {m: [] for m in (*METRICS, "cold_share", "train_seconds", "train_rows")} for s in STRATEGIES}
-        latest = {"frozen": work / "run-first", "incremental": work / "run-first"}
-        latest_data = base
+        base = build(day_folder(world, range(first), work / "raw-first"), work / "data-first", desc, cfg)
+        daily, everything, judged = {}, {}, {}  # by the judged day: the data of the day before, of all days so far
+        latest = base
         for day in days:
             update = day - 1
-            raw = day_folder(world, range(update, update + 1), work / f"raw-{update}")
-            latest_data = build(raw, work / f"data-inc-{update}", desc, cfg, parent=latest_data)
-            cost = {"frozen": (0.0, 0)}
-            cost["incremental"] = fit(update_cfg, latest_data, work / f"run-inc-{update}", latest["incremental"])
-            latest["incremental"] = work / f"run-inc-{update}"
-            everything = day_folder(world, range(update + 1), work / f"raw-upto-{update}")
-            fresh = work / f"data-all-{update}"
-            prepare(everything, fresh, desc)
-            shutil.copytree(latest_data / "text_emb", fresh / "text_emb")  # keyed by key and text: reused as valid
-            encode_dataset(fresh, cfg.text, torch.device("cpu"), progress=False)
-            cost["retrain"] = fit(cfg, fresh, work / f"run-all-{update}")
-            latest["retrain"] = work / f"run-all-{update}"
-            next_day = day_folder(world, range(day, day + 1), work / f"raw-{day}-judge")
-            for name in STRATEGIES:
-                metrics = judge(latest[name], next_day, day, work / f"scores-{name}-{day}")
-                metrics["train_seconds"], metrics["train_rows"] = cost[name]
-                for key, value in metrics.items():
-                    results[name][key].append(value)
-                shown = {k: round(v, 4) for k, v in metrics.items()}
-                print(f"day {day} {name}: {shown}", flush=True)
-            _write(args, days[: days.index(day) + 1], results, world_cfg, seconds, rows, start)
+            latest = build(
+                day_folder(world, range(update, day), work / f"raw-{update}"),
+                work / f"data-day-{update}",
+                desc,
+                cfg,
+                parent=latest,
+            )
+            daily[day] = latest
+            everything[day] = work / f"data-upto-{update}"
+            prepare(day_folder(world, range(day), work / f"raw-upto-{update}"), everything[day], desc)
+            shutil.copytree(latest / "text_emb", everything[day] / "text_emb")  # keyed by key and text: still valid
+            encode_dataset(everything[day], cfg.text, torch.device("cpu"), progress=False)
+            judged[day] = day_folder(world, range(day, day + 1), work / f"raw-{day}-judged")
+        per_seed: dict[int, dict[str, dict[str, list[float]]]] = {}
+        for seed in seeds:
+            seeded = {
+                name: dataclasses.replace(c, train=dataclasses.replace(c.train, seed=seed))
+                for name, c in (("all", cfg), ("update", update_cfg))
+            }
+            runs = work / f"seed-{seed}"
+            first_cost = fit(seeded["all"], base, runs / "first")
+            results = per_seed[seed] = {s: {m: [] for m in (*METRICS, "cold_share", *COSTS)} for s in STRATEGIES}
+            current = {"frozen": runs / "first", "incremental": runs / "first"}
+            for day in days:
+                cost = {"frozen": (0.0, 0)}
+                cost["incremental"] = fit(seeded["update"], daily[day], runs / f"inc-{day}", current["incremental"])
+                current["incremental"] = runs / f"inc-{day}"
+                cost["retrain"] = fit(seeded["all"], everything[day], runs / f"all-{day}")
+                current["retrain"] = runs / f"all-{day}"
+                for name in STRATEGIES:
+                    metrics = judge(current[name], judged[day], day, runs / f"scores-{name}-{day}")
+                    metrics["train_seconds"], metrics["train_rows"] = cost[name]
+                    for key, value in metrics.items():
+                        results[name][key].append(value)
+                    print(f"seed {seed} day {day} {name}: { {k: round(v, 4) for k, v in metrics.items()} }", flush=True)
+            _write(args, days, per_seed, world_cfg, first_cost, start)
     finally:
         if args.keep is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -240,13 +266,12 @@ def main() -> None:
 def _write(
     args: argparse.Namespace,
     days: list[int],
-    results: dict[str, dict[str, list[float]]],
+    per_seed: dict[int, dict[str, dict[str, list[float]]]],
     world: WorldConfig,
-    first_seconds: float,
-    first_rows: int,
+    first_cost: tuple[float, int],
     start: float,
 ) -> None:
-    """Write the json, md and png for the days done so far (a long run keeps what it finished)."""
+    """Write the json, md and png for the seeds done so far (a long run keeps what it finished)."""
     meta = {
         "command": f"python benchmarks/{Path(sys.argv[0]).name} " + " ".join(sys.argv[1:]),
         **machine(),
@@ -254,15 +279,22 @@ def _write(
         "overrides": args.set,
         "update_overrides": args.update_set,
         "world": dataclasses.asdict(world),
-        "first_week": {"days": args.first_week, "train_seconds": first_seconds, "train_rows": first_rows},
+        "first_week": {"days": args.first_week, "train_seconds": first_cost[0], "train_rows": first_cost[1]},
+        "seeds": list(per_seed),
         "minutes": (time.perf_counter() - start) / 60,
     }
+    strategies = {
+        name: {
+            m: [statistics.fmean(s[name][m][d] for s in per_seed.values()) for d in range(len(days))] for m in values
+        }
+        for name, values in next(iter(per_seed.values())).items()
+    }
     RESULTS.mkdir(exist_ok=True)
-    data = {"meta": meta, "days": days, "strategies": results}
+    data = {"meta": meta, "days": days, "strategies": strategies, "seeds": per_seed}
     atomic_write_text(RESULTS / f"{args.out}.json", json.dumps(data, indent=1) + "\n")
-    text = markdown(days, results)
+    text = markdown(days, per_seed)
     atomic_write_text(RESULTS / f"{args.out}.md", f"# {args.out}\n\n`{meta['command']}`\n\n{text}")
-    plot(days, results, RESULTS / f"{args.out}.png")
+    plot(days, strategies, RESULTS / f"{args.out}.png")
 
 
 if __name__ == "__main__":

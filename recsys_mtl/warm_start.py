@@ -4,8 +4,9 @@ on a later period of it (`prepare --from`), whose tables may have grown.
 Every tensor of the parent's checkpoint (model, fused row-wise Adagrad state, dense optimizer, task weights) is read
 whole on every rank, without collectives, so the parent may have run on any number of ranks; each rank then copies
 the rows and columns of its own shards. A table that grew keeps its old rows bit for bit; its new rows (ids the
-parent never saw) start as the parent's row 0, the unknown id those rows were encoded as before, so the first
-predictions are the parent's; their optimizer state starts empty, so they learn at the full rate. The frozen text
+parent never saw) start as the parent's row 0, the unknown id those rows were encoded as before, weights and
+Adagrad state alike: the first predictions are the parent's, and a new id goes on learning at the pace of the row it
+was (an empty state would make its first steps full-size jumps along one noisy gradient). The frozen text
 tables come from the new dataset's vectors, not from the parent. The RNG and the data position start afresh.
 """
 
@@ -59,9 +60,9 @@ def parent_checkpoint(parent: Path, cfg: Config, schema: Schema) -> Path:
     )
     for key in GROWABLE:
         for name in sorted(set(saved[key]) | set(current[key])):
-            old, new = saved[key].get(name), current[key].get(name)
-            rows_old, rows_new = (old[0], new[0]) if isinstance(old, list) and isinstance(new, list) else (old, new)
-            if old is None or new is None or rows_new < rows_old or (isinstance(old, list) and old[1:] != new[1:]):
+            old, new = saved[key].get(name), current[key].get(name)  # [rows, dim] of a table, rows of a text
+            shapes = [value if isinstance(value, list) else [value] for value in (old, new)]
+            if old is None or new is None or shapes[1][0] < shapes[0][0] or shapes[1][1:] != shapes[0][1:]:
                 differences.append(f"{key}.{name}: parent {old!r}, now {new!r} (a table may only grow)")
     parent_dataset = Path(load_config(parent / "config.toml").dataset).resolve()
     if not _descends(Path(cfg.dataset).resolve(), parent_dataset):
@@ -110,17 +111,15 @@ def warm_start(trainer: Trainer, checkpoint: Path) -> None:
             raise InputError(f"--init-from: {checkpoint} has no tensor {name!r}")
         old = source[name]
         if tuple(old.shape) != tuple(value.shape):
-            old = _grow(old, tuple(value.shape), copy_row_zero=name.startswith("model."))
+            old = _grow(old, tuple(value.shape))
             grown.append(name)
         _copy(value, old)
     log.info("initialised from %s; grown: %s", checkpoint, ", ".join(grown) or "nothing")
 
 
-def _grow(old: Tensor, shape: tuple[int, ...], copy_row_zero: bool) -> Tensor:
-    """`old` with rows appended up to `shape`: copies of its row 0 (weights), or zeros (optimizer state)."""
-    extra = shape[0] - old.shape[0]
-    new_rows = old[:1].expand(extra, *old.shape[1:]) if copy_row_zero else old.new_zeros(extra, *old.shape[1:])
-    return torch.cat([old, new_rows])
+def _grow(old: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """`old` with copies of its row 0 appended up to `shape` rows (a table's weights or its optimizer state)."""
+    return torch.cat([old, old[:1].expand(shape[0] - old.shape[0], *old.shape[1:])])
 
 
 def _copy(target: Tensor | ShardedTensor, whole: Tensor) -> None:
