@@ -25,6 +25,7 @@ Each dataset splits its rows at random (5% validate); the config is the demo one
 
 import argparse
 import dataclasses
+import itertools
 import json
 import shutil
 import statistics
@@ -153,7 +154,7 @@ def plot(days: list[int], results: dict[str, dict[str, list[float]]], path: Path
     for name, values in results.items():
         axes[0].plot(days, values["ctr/auc"], marker="o", label=name)
         axes[1].plot(days, values["ctr/auc_cold"], marker="o", label=name)
-        axes[2].plot(days, list(accumulate(values["train_seconds"])), marker="o", label=name)
+        axes[2].plot(days, list(itertools.accumulate(values["train_seconds"])), marker="o", label=name)
     for ax, title in zip(
         axes, ("CTR AUC on the next day", "CTR AUC on cold items", "training seconds, cumulative"), strict=True
     ):
@@ -163,14 +164,6 @@ def plot(days: list[int], results: dict[str, dict[str, list[float]]], path: Path
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def accumulate(values: list[float]) -> list[float]:
-    total, out = 0.0, []
-    for v in values:
-        total += v
-        out.append(total)
-    return out
 
 
 def main() -> None:

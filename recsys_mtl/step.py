@@ -201,6 +201,14 @@ def predict_batch(trainer: Trainer, batch: Batch) -> dict[str, Tensor]:
         trainer.model.train()
 
 
+def init_optimizer_state(trainer: Trainer) -> None:
+    """Create the dense and loss optimizers' state tensors (empty until a first step), for a checkpoint to be loaded
+    or copied into."""
+    for optimizer in (trainer.sharded.dense_optimizer, trainer.loss_optimizer):
+        if optimizer is not None:
+            optimizer.init_state()
+
+
 def training_state(trainer: Trainer) -> dict[str, object]:
     """Every tensor a resumed run needs: model (sharded tables too), fused and dense optimizer state, loss, RNG."""
     fused = trainer.model.fused_optimizer.state_dict()

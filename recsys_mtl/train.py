@@ -43,7 +43,14 @@ from recsys_mtl.errors import InputError, MissingInputError, OutputExistsError
 from recsys_mtl.evaluate import Predictor, split_metrics
 from recsys_mtl.files import atomic_write_text, locked
 from recsys_mtl.metrics import format_metric
-from recsys_mtl.step import CONFLICT_PREFIX, Trainer, build_trainer, train_step, training_state
+from recsys_mtl.step import (
+    CONFLICT_PREFIX,
+    Trainer,
+    build_trainer,
+    init_optimizer_state,
+    train_step,
+    training_state,
+)
 from recsys_mtl.structs import list_differences
 from recsys_mtl.tasks import TaskSpec, better, headline_metric
 from recsys_mtl.warm_start import parent_checkpoint, warm_start
@@ -285,9 +292,7 @@ def _resume(trainer: Trainer, last: Path, expected: dict) -> Progress:
             position.world_size,
             world_size,
         )
-    for optimizer in (trainer.sharded.dense_optimizer, trainer.loss_optimizer):
-        if optimizer is not None:
-            optimizer.init_state()  # create the state tensors the checkpoint is loaded into
+    init_optimizer_state(trainer)
     state = training_state(trainer)
     load_checkpoint(last, state)
     torch.set_rng_state(cast(Tensor, state["rng"]))

@@ -30,8 +30,9 @@ from recsys_mtl.checkpoint import (
 from recsys_mtl.config import Config, load_config
 from recsys_mtl.data.schema import Schema
 from recsys_mtl.errors import InputError, MissingInputError
+from recsys_mtl.model.embeddings import copy_whole
 from recsys_mtl.model.ranker import MultiTaskRanker
-from recsys_mtl.step import Trainer, training_state
+from recsys_mtl.step import Trainer, init_optimizer_state, training_state
 from recsys_mtl.structs import list_differences
 
 log = logging.getLogger(__name__)
@@ -99,9 +100,7 @@ def warm_start(trainer: Trainer, checkpoint: Path) -> None:
         if isinstance(item, TensorStorageMetadata) and name != "rng"  # read_metadata refused anything else
     }
     load_checkpoint(checkpoint, source, no_dist=True)
-    for optimizer in (trainer.sharded.dense_optimizer, trainer.loss_optimizer):
-        if optimizer is not None:
-            optimizer.init_state()  # create the state tensors to copy into
+    init_optimizer_state(trainer)
     target, _ = flatten_state_dict({k: v for k, v in training_state(trainer).items() if k != "rng"})
     grown = []
     for name, value in target.items():
@@ -113,20 +112,10 @@ def warm_start(trainer: Trainer, checkpoint: Path) -> None:
         if tuple(old.shape) != tuple(value.shape):
             old = _grow(old, tuple(value.shape))
             grown.append(name)
-        _copy(value, old)
+        copy_whole(value, old)
     log.info("initialised from %s; grown: %s", checkpoint, ", ".join(grown) or "nothing")
 
 
 def _grow(old: Tensor, shape: tuple[int, ...]) -> Tensor:
     """`old` with copies of its row 0 appended up to `shape` rows (a table's weights or its optimizer state)."""
     return torch.cat([old, old[:1].expand(shape[0] - old.shape[0], *old.shape[1:])])
-
-
-def _copy(target: Tensor | ShardedTensor, whole: Tensor) -> None:
-    """Copy the whole tensor `whole` into `target`, or into this rank's shards of it."""
-    if isinstance(target, ShardedTensor):
-        for shard in target.local_shards():
-            offsets, sizes = shard.metadata.shard_offsets, shard.metadata.shard_sizes
-            shard.tensor.copy_(whole[tuple(slice(o, o + s) for o, s in zip(offsets, sizes, strict=True))])
-    else:
-        target.copy_(whole)

@@ -16,7 +16,7 @@ from recsys_mtl.data.encode import DESCRIPTION_FILE
 from recsys_mtl.data.loader import Dataset, ReadOrder, read_batches
 from recsys_mtl.errors import InputError
 from recsys_mtl.model.embeddings import read_table
-from recsys_mtl.step import Trainer, build_trainer, predict_batch, training_state
+from recsys_mtl.step import Trainer, build_trainer, init_optimizer_state, predict_batch, training_state
 from recsys_mtl.text import encode_dataset
 from recsys_mtl.train import train
 from recsys_mtl.warm_start import parent_checkpoint, warm_start
@@ -51,9 +51,7 @@ def next_dataset(text_dataset: Path, tiny_bert: Path, tmp_path_factory: pytest.T
 def _loaded(cfg: Config, checkpoint: Path) -> Trainer:
     """A trainer with `checkpoint` loaded as a resume loads it."""
     trainer = build_trainer(cfg, Dataset(cfg.dataset), CPU)
-    for optimizer in (trainer.sharded.dense_optimizer, trainer.loss_optimizer):
-        if optimizer is not None:
-            optimizer.init_state()
+    init_optimizer_state(trainer)
     load_checkpoint(checkpoint, training_state(trainer))
     return trainer
 

@@ -68,12 +68,18 @@ def write_table(module: nn.Module, table: str, weights: Tensor) -> None:
     target = found[0]
     if tuple(target.shape) != tuple(weights.shape):
         raise ValueError(f"table {table!r} has shape {tuple(target.shape)}, got weights {tuple(weights.shape)}")
+    copy_whole(target, weights)
+
+
+@torch.no_grad()
+def copy_whole(target: Tensor | ShardedTensor, whole: Tensor) -> None:
+    """Copy the whole tensor `whole` into `target` of the same shape, or into this rank's shards of it."""
     if isinstance(target, ShardedTensor):
         for shard in target.local_shards():
-            (row, col), (rows, cols) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
-            shard.tensor.copy_(weights[row : row + rows, col : col + cols])
+            offsets, sizes = shard.metadata.shard_offsets, shard.metadata.shard_sizes
+            shard.tensor.copy_(whole[tuple(slice(o, o + s) for o, s in zip(offsets, sizes, strict=True))])
     else:
-        target.copy_(weights)
+        target.copy_(whole)
 
 
 def read_table(module: nn.Module, table: str) -> Tensor:
