@@ -87,8 +87,11 @@ def _synth(args: argparse.Namespace) -> None:
 def _prepare(args: argparse.Namespace) -> None:
     if args.parent is not None and args.description is None:
         desc = read_description(args.parent / DESCRIPTION_FILE)
+        print(f"description {desc.name!r}: the parent's ({args.parent / DESCRIPTION_FILE})")
     else:
         desc = load_description(args.description or "synthetic")
+        if args.description is None:
+            print(f"description {desc.name!r} (the default; --description names another)")
     schema = prepare(args.raw, args.out, desc, overwrite=args.overwrite, parent=args.parent)
     rows = ", ".join(f"{name} {split.num_rows:,}" for name, split in schema.splits.items())
     print(

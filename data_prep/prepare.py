@@ -23,6 +23,7 @@ from recsys_mtl.data.encode import (
     DESCRIPTION_FILE,
     Encoder,
     check_dtypes,
+    derive_columns,
     feature_encoders,
     features_by_table,
     find_files,
@@ -165,21 +166,22 @@ def _scan_rows(raw: Path, desc: Description) -> pl.LazyFrame:
     """The raw rows with side tables joined and a split column (train / valid / test)."""
     split = desc.split
     if split.method == "files":
+        sources = [s for s in SPLITS if s in split.files]  # without a valid file: carved out of train, below
         rows = pl.concat(
             [
-                scan_raw(find_files(raw, split.files[s]), desc, FILE).with_columns(pl.lit(s).alias(SPLIT))
-                for s in SPLITS
+                scan_raw(find_files(raw, split.files[s]), desc.read, FILE).with_columns(pl.lit(s).alias(SPLIT))
+                for s in sources
             ],
             how="vertical_relaxed",
         )
     else:
         files = [f for pattern in desc.rows for f in find_files(raw, pattern)]
-        rows = scan_raw(files, desc, FILE)
+        rows = scan_raw(files, desc.read, FILE)
     if desc.rename:
         rows = rows.rename(desc.rename)
     for join in desc.joins:
         path = find_files(raw, join.path)
-        side = scan_raw(path, desc)
+        side = scan_raw(path, join.read or desc.read)
         names = side.collect_schema().names()
         missing = [c for c in (join.on, *join.columns) if c not in names]
         if missing:
@@ -194,6 +196,7 @@ def _scan_rows(raw: Path, desc: Description) -> pl.LazyFrame:
             )
         side = unique_side_table(side.select(join.on, *join.columns), join.on, path[0])
         rows = rows.join(side, on=join.on, how="left", maintain_order="left")
+    rows = derive_columns(rows, desc, str(raw))
     if split.method == "time":
         if split.column is None:  # SplitDesc refuses this already
             raise ValueError("split.method = 'time' needs split.column")
@@ -205,11 +208,19 @@ def _scan_rows(raw: Path, desc: Description) -> pl.LazyFrame:
         label = pl.when(time >= cuts["test"]).then(pl.lit("test")).when(time >= cuts["valid"]).then(pl.lit("valid"))
         rows = rows.with_columns(label.otherwise(pl.lit("train")).alias(SPLIT))
     elif split.method == "random":
-        # a Weyl sequence over the row index: deterministic, uniform, independent of the polars version
-        u = ((pl.int_range(pl.len(), dtype=pl.Int64) * 2654435761 + split.seed * 40503) % 2**32) / 2**32
+        u = _uniform(split.seed)
         label = pl.when(u < split.test).then(pl.lit("test")).when(u < split.test + split.valid).then(pl.lit("valid"))
         rows = rows.with_columns(label.otherwise(pl.lit("train")).alias(SPLIT))
+    elif "valid" not in split.files:
+        carved = (pl.col(SPLIT) == "train") & (_uniform(split.seed) < split.valid)
+        rows = rows.with_columns(pl.when(carved).then(pl.lit("valid")).otherwise(pl.col(SPLIT)).alias(SPLIT))
     return rows
+
+
+def _uniform(seed: int) -> pl.Expr:
+    """A number in [0, 1) per row: a Weyl sequence over the row index (deterministic, independent of the polars
+    version)."""
+    return ((pl.int_range(pl.len(), dtype=pl.Int64) * 2654435761 + seed * 40503) % 2**32) / 2**32
 
 
 def _check_columns(rows: pl.LazyFrame, desc: Description, raw: Path) -> None:
@@ -334,7 +345,7 @@ def _build_text(
         source = rows
     else:
         path = find_files(raw, text.path)
-        source = scan_raw(path, desc)
+        source = scan_raw(path, text.read or desc.read)
         missing = [c for c in (text.key, *text.columns) if c not in source.collect_schema()]
         if missing:
             raise InputError(f"{path[0]}: column {missing[0]!r} of text {text.name!r} is missing")

@@ -204,14 +204,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     sc = sub.add_parser(
         "score",
-        help="batch-score a prepared split or raw parquet rows into parquet shards of predictions",
+        help="batch-score a prepared split or raw rows (parquet or csv) into parquet shards of predictions",
         description="Write OUT/part-*.parquet: the key columns, pred_<task> and pred_cvr_joint (pCTCVR), one row per "
         "input row in input order. Raw rows are encoded with the run's vocabularies (unseen ids -> the unknown row); "
         "missing side-table columns are joined from --side-dir. Under torchrun each rank scores its own shards; a "
         "rerun skips the shards already written.",
     )
     sc.add_argument("run_dir", type=Path, help="a run dir written by train")
-    sc.add_argument("input", type=Path, help="a prepared dataset folder, or raw parquet: a file, a folder or a glob")
+    sc.add_argument(
+        "input",
+        type=Path,
+        help="a prepared dataset folder, or raw rows (parquet, or text files as the dataset's description reads "
+        "them): a file, a folder or a glob",
+    )
     sc.add_argument("--out", type=Path, required=True, help="output folder of parquet shards")
     sc.add_argument("--split", default="test", choices=["train", "valid", "test"], help="of a prepared input")
     sc.add_argument("--side-dir", type=Path, help="side tables for raw rows (default: the dataset's raw folder)")

@@ -39,4 +39,5 @@ def reading(source: Path | str) -> Iterator[None]:
         raise MissingInputError(f"{source}: {err}") from err
     except (pl.exceptions.PolarsError, pa.ArrowException, OSError, UnicodeDecodeError) as err:
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InputError(f"{source}: cannot read it ({type(err).__name__}: {message})") from err
+        hint = "; give the description's read.encoding (e.g. latin-1)" if "utf-8" in message.lower() else ""
+        raise InputError(f"{source}: cannot read it ({type(err).__name__}: {message}){hint}") from err

@@ -1,12 +1,12 @@
-"""Offline batch scoring: a trained run over a prepared split or raw parquet rows, into parquet shards of predictions.
+"""Offline batch scoring: a trained run over a prepared split or raw rows, into parquet shards of predictions.
 
-The input's row groups are cut into shards of consecutive row groups (`part-00000.parquet`, ... in OUT_DIR, one per
-shard, whatever the number of ranks). Rank r of N scores shards r, r + N, ...; each shard is written to a temporary
-file and renamed, so a finished-looking shard is always whole, and a rerun skips the shards already there: those whose
-parquet metadata carries this job's manifest digest (so a file the scorer did not write never counts as scores).
-OUT_DIR holds nothing else, never is, holds or lies inside the input, and has one writer at a time. Every rank holds
-a whole copy of the model (fp32, or with int8 embedding tables), so ranks never wait on each other while scoring;
-memory stays bounded by one row group and one shard's predictions.
+The input's parquet row groups are cut into shards of consecutive row groups (text files into runs of rows), written as
+`part-00000.parquet`, ... in OUT_DIR (one per shard, whatever the number of ranks). Rank r of N scores shards r, r + N,
+...; each shard is written to a temporary file and renamed, so a finished-looking shard is always whole, and a rerun
+skips the shards already there: those whose parquet metadata carries this job's manifest digest (so a file the scorer
+did not write never counts as scores). OUT_DIR holds nothing else, never is, holds or lies inside the input, and has
+one writer at a time. Every rank holds a whole copy of the model (fp32, or with int8 embedding tables), so ranks never
+wait on each other while scoring; memory stays bounded by one row group and one shard's predictions.
 """
 
 import hashlib
@@ -28,7 +28,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from recsys_mtl.checkpoint import PROGRESS_FILE
-from recsys_mtl.data.encode import RawEncoder
+from recsys_mtl.data.description import ReadDesc
+from recsys_mtl.data.encode import RawEncoder, scan_raw
 from recsys_mtl.data.loader import BatchBuilder
 from recsys_mtl.data.schema import KEY_PREFIX, SCHEMA_FILE, SPLITS, Schema, check_dataset
 from recsys_mtl.distributed import world
@@ -44,16 +45,19 @@ SUMMARY_FILE = "summary.json"
 OUT_FILES = (MANIFEST_FILE, SUMMARY_FILE, LOCK_FILE, "part-*.parquet", ".part-*.tmp-*")  # all OUT_DIR may hold
 DIGEST_KEY = "recsys_mtl.scoring"  # parquet metadata of a shard: the digest of the manifest it was scored under
 MissingText = Literal["empty", "error"]
+TEXT_ROWS = 65_536  # rows of a text file encoded at a time
 
 
 @dataclass(frozen=True)
 class ScoreShard:
-    """Row groups `row_groups` of input file `path`, scored into OUT_DIR/part-<index>.parquet."""
+    """Row groups `row_groups` of parquet input file `path` (or, in a text file, its `num_rows` rows from
+    `first_row`), scored into OUT_DIR/part-<index>.parquet."""
 
     index: int
     path: str
     row_groups: tuple[int, ...]
     num_rows: int
+    first_row: int = 0
 
     @property
     def name(self) -> str:
@@ -102,7 +106,8 @@ class ScoreSummary:
 
 
 def input_files(inp: Path, split: str, raw: bool) -> list[Path]:
-    """The parquet files to score: a prepared dataset's `split`, or raw parquet (a file, a folder of them, a glob).
+    """The files to score: a prepared dataset's `split`, or raw rows (a file, a folder, a glob): parquet, or the
+    delimited text its dataset's description reads (a folder's parquet files, else all its files).
 
     Raises:
         MissingInputError: nothing to score at `inp`.
@@ -112,16 +117,28 @@ def input_files(inp: Path, split: str, raw: bool) -> list[Path]:
         return [inp / name for name in schema.splits[split].files]
     if inp.is_file():
         return [inp]
-    files = sorted(inp.rglob("*.parquet")) if inp.is_dir() else sorted(inp.parent.glob(inp.name))
+    if inp.is_dir():
+        files = sorted(inp.rglob("*.parquet"))
+        files = files or sorted(f for f in inp.rglob("*") if f.is_file() and not f.name.startswith("."))
+    else:
+        files = sorted(inp.parent.glob(inp.name))
     if not files:
-        raise MissingInputError(f"{inp}: no parquet files to score")
+        raise MissingInputError(f"{inp}: no files to score")
     return files
 
 
-def plan_shards(files: list[Path], rows_per_shard: int) -> list[ScoreShard]:
-    """Consecutive row groups of each file, up to `rows_per_shard` rows a shard (at least one row group)."""
+def plan_shards(files: list[Path], rows_per_shard: int, read: ReadDesc | None = None) -> list[ScoreShard]:
+    """Consecutive row groups of each parquet file, up to `rows_per_shard` rows a shard (at least one row group);
+    runs of `rows_per_shard` rows of each text file (read as `read` says)."""
     shards: list[ScoreShard] = []
     for path in files:
+        if path.suffix != ".parquet":
+            with reading(path):
+                total = scan_raw([path], read or ReadDesc()).select(pl.len()).collect().item()
+            for first in range(0, total, rows_per_shard):
+                rows = min(rows_per_shard, total - first)
+                shards.append(ScoreShard(len(shards), str(path), (), rows, first_row=first))
+            continue
         with reading(path):
             meta = pq.ParquetFile(path).metadata
         groups: list[int] = []
@@ -158,7 +175,8 @@ def score(
 
     Args:
         inp: a prepared dataset folder (one with a schema.toml: its `split` is scored; it must have the run's
-            vocabularies), or else raw parquet rows (a file, a folder, a glob), encoded with the run's vocabularies.
+            vocabularies), or else raw rows (a file, a folder, a glob; parquet or the delimited text its dataset's
+            description reads), encoded with the run's vocabularies.
         side_dir: the side tables to join into raw rows that lack their columns (default: the raw folder the run's
             dataset was prepared from).
         int8: score with int8-quantized embedding tables.
@@ -198,7 +216,7 @@ def score(
         input=str(inp.resolve()),
         split=None if raw else split,
         int8=int8,
-        shards=tuple(plan_shards(files, rows_per_shard)),
+        shards=tuple(plan_shards(files, rows_per_shard, encoder.desc.read if encoder is not None else None)),
     )
     with _claimed(out, manifest, overwrite):
         summary = _score_shards(scoring, manifest, out, encoder, missing_text, batch_size, progress)
@@ -328,7 +346,13 @@ def _finished(path: Path, num_rows: int, digest: str) -> bool:
 
 
 def _frames(shard: ScoreShard, schema: Schema, encoder: RawEncoder | None) -> Iterator[pl.DataFrame]:
-    """The shard's rows as shard-format frames, one row group at a time."""
+    """The shard's rows as shard-format frames, one row group (or TEXT_ROWS rows of a text file) at a time."""
+    if encoder is not None and not shard.row_groups:
+        with reading(shard.path):
+            rows = scan_raw([Path(shard.path)], encoder.desc.read).slice(shard.first_row, shard.num_rows).collect()
+        for offset in range(0, rows.height, TEXT_ROWS):
+            yield encoder(rows.slice(offset, TEXT_ROWS), f"{shard.path} (rows from {shard.first_row + offset:,})")
+        return
     reader = pq.ParquetFile(shard.path)
     columns = None if encoder is not None else list(schema.columns())
     for index in shard.row_groups:

@@ -320,9 +320,9 @@ def test_id_column_of_another_dtype_in_one_raw_file_is_refused_naming_both(tmp_p
 
 def test_unparsable_value_past_the_inferred_rows_is_refused_naming_the_raw_folder(tmp_path: Path) -> None:
     raw = _toy_raw(tmp_path / "raw")
-    rows = pl.concat([pl.read_csv(raw / "rows.csv")] * 11).with_columns(pl.int_range(pl.len()).alias("row"))
-    rows.cast({"item": pl.String}).with_columns(  # polars infers dtypes from the first 100 rows
-        pl.when(pl.col("row") == 105).then(pl.lit("x")).otherwise(pl.col("item")).alias("item")
+    rows = pl.concat([pl.read_csv(raw / "rows.csv")] * 1_001).with_columns(pl.int_range(pl.len()).alias("row"))
+    rows.cast({"item": pl.String}).with_columns(  # dtypes are inferred from the first 10,000 rows
+        pl.when(pl.col("row") == 10_005).then(pl.lit("x")).otherwise(pl.col("item")).alias("item")
     ).write_csv(raw / "rows.csv")
     message = _prepare_refused(raw, InputError, rf"^{raw}: cannot read it \(ComputeError: ")
     assert "could not parse `x` as dtype `i64` at column 'item'" in message

@@ -142,7 +142,7 @@ def test_score_from_the_command_line(
     assert "scored 4,285 rows" in capsys.readouterr().out
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["rows"] == 4_285
     assert main(["score", str(run), str(tmp_path / "nothing"), "--out", str(tmp_path / "o2"), "--quiet"]) == 2
-    assert "no parquet files to score" in capsys.readouterr().err
+    assert "no files to score" in capsys.readouterr().err
     raw = tmp_path / "rows.parquet"  # raw rows without the side columns: joined from --side-dir
     pl.read_parquet(tiny_world / "impressions").head(50).write_parquet(raw)
     assert main(["score", str(run), str(raw), "--out", str(tmp_path / "o3"), "--side-dir", str(tiny_world)]) == 0

@@ -6,15 +6,16 @@ rebuilds the same encoders from a prepared dataset's saved `vocab/`, `text/` and
 arriving later (to be scored) are encoded exactly as the training rows were: unseen ids go to the unknown row 0.
 """
 
+import codecs
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
-from recsys_mtl.data.description import Description, FeatureDesc, read_description
+from recsys_mtl.data.description import DeriveDesc, Description, FeatureDesc, JoinDesc, ReadDesc, read_description
 from recsys_mtl.data.schema import KEY_PREFIX, Schema, TableSpec, read_table
 from recsys_mtl.errors import InputError, MissingInputError, reading
 
@@ -151,27 +152,139 @@ def find_files(raw: Path, pattern: str) -> list[Path]:
     return files
 
 
-def scan_raw(files: list[Path], desc: Description, file_column: str | None = None) -> pl.LazyFrame:
-    """Parquet, csv or tsv files as one lazy frame (csv nulls as the description says).
+def scan_raw(files: list[Path], read: ReadDesc, file_column: str | None = None) -> pl.LazyFrame:
+    """Parquet files, or delimited-text files read as `read` says, as one lazy frame (with each row's file path as
+    `file_column`, when given).
 
     Each file's header is read here, so that an empty, truncated or foreign file is refused by name. Parquet files
-    must agree on their columns and dtypes (polars unifies csv files itself).
+    must agree on their columns and dtypes; text files are unified by polars (a column's dtype widens if it must).
 
     Raises:
-        InputError: mixed or unknown suffixes, a file that cannot be read, or parquet files that disagree.
+        InputError: parquet mixed with text files, a file that cannot be read (naming the [read] options it was read
+            with), parquet files that disagree, or a headerless file whose width is not that of `read.columns`.
     """
-    suffixes = {f.suffix for f in files}
-    if suffixes == {".parquet"}:
+    parquet = [f.suffix == ".parquet" for f in files]
+    if all(parquet):
         _check_parquet_files(files)
         return pl.scan_parquet(files, include_file_paths=file_column)
-    if suffixes <= {".csv", ".tsv"}:
-        separator = "\t" if suffixes == {".tsv"} else ","
-        null_values = list(desc.csv_null_values) or None
-        for f in files:
-            with reading(f):  # reads the header and the first rows
-                pl.scan_csv(f, separator=separator, null_values=null_values).collect_schema()
-        return pl.scan_csv(files, separator=separator, null_values=null_values, include_file_paths=file_column)
-    raise InputError(f"raw files must be .parquet, .csv or .tsv, got {sorted(suffixes)} in {files[0].parent}")
+    if any(parquet):
+        raise InputError(f"{files[0].parent}: raw files of one table must all be parquet or all delimited text")
+    frames = [_scan_text(f, read) for f in files]
+    if file_column is not None:
+        frames = [lf.with_columns(pl.lit(str(f)).alias(file_column)) for lf, f in zip(frames, files, strict=True)]
+    return pl.concat(frames, how="vertical_relaxed") if len(frames) > 1 else frames[0]
+
+
+def _scan_text(path: Path, read: ReadDesc) -> pl.LazyFrame:
+    """One delimited-text file; lazily when it is UTF-8 (compressed or not), else decoded into memory."""
+    separator = read.separator or ("\t" if ".tsv" in path.suffixes else ",")
+    options: dict[str, Any] = {
+        "separator": separator,
+        "has_header": read.header,
+        "quote_char": read.quote or None,
+        "null_values": None if read.strip else list(read.null_values) or None,  # after stripping, below
+        "infer_schema": not read.strip,
+        "infer_schema_length": 10_000,
+    }
+    how = (
+        f"read with separator {separator!r}, header = {str(read.header).lower()}, encoding {read.encoding!r}, "
+        f"quote {read.quote!r}: set the description's [read] options (or the join's or text's read) to fit the file"
+    )
+    try:
+        with reading(path):
+            if codecs.lookup(read.encoding).name == "utf-8":
+                lf = pl.scan_csv(path, **options)
+                names = lf.collect_schema().names()  # reads the first rows
+            else:
+                lf = pl.read_csv(path, encoding=read.encoding, **options).lazy()
+                names = lf.collect_schema().names()
+    except InputError as err:
+        raise InputError(f"{err}; {how}") from err
+    if not read.header:
+        if len(names) != len(read.columns):
+            raise InputError(
+                f"{path}: {len(names)} columns, but read.columns names {len(read.columns)} ({list(read.columns)}); "
+                f"{how}"
+            )
+        lf = lf.rename(dict(zip(names, read.columns, strict=True)))
+    return _strip(lf, read.null_values) if read.strip else lf
+
+
+def _strip(lf: pl.LazyFrame, null_values: tuple[str, ...]) -> pl.LazyFrame:
+    """Text columns with blanks stripped, empty strings and `null_values` as null, and numbers typed again (a column
+    is integer, else float, when every value of its first 10,000 rows is)."""
+    value = pl.all().str.strip_chars()
+    lf = lf.with_columns(pl.when(value.is_in([*null_values, ""])).then(None).otherwise(value).name.keep())
+    sample = lf.head(10_000).collect()
+    casts = {}
+    for column in sample.iter_columns():
+        for dtype in (pl.Int64, pl.Float64):
+            if column.cast(dtype, strict=False).null_count() == column.null_count():
+                casts[column.name] = dtype
+                break
+    return lf.with_columns(pl.col(name).cast(dtype) for name, dtype in casts.items())
+
+
+def derive_columns(lf: pl.LazyFrame, desc: Description, where: str, optional: Collection[str] = ()) -> pl.LazyFrame:
+    """`lf` with the description's derived columns added, in order (each may use the ones before it). A derived column
+    in `optional` whose sources are missing is left out (e.g. a label of rows to score).
+
+    Raises:
+        InputError: naming `where` and the derived column: a source column is missing, a column of that name exists
+            already, or an sql expression does not parse or names an unknown column.
+    """
+    schema = lf.collect_schema()
+    for d in desc.derive:
+        if d.name in schema:
+            raise InputError(f"{where}: the rows have a column {d.name!r} already; name the derived column otherwise")
+        missing = [c for c in d.sources if c not in schema]
+        if missing and d.name in optional:
+            continue
+        if missing:
+            raise InputError(
+                f"{where}: column {missing[0]!r} (to derive {d.name!r}) is missing; the rows have "
+                f"{sorted(c for c in schema if not c.startswith('__'))}"
+            )
+        try:
+            derived = lf.with_columns(_derived(d, schema).alias(d.name))
+            schema = derived.collect_schema()
+        except (pl.exceptions.PolarsError, ValueError) as err:
+            if d.name in optional:
+                continue
+            message = str(err).strip().splitlines()[0]
+            raise InputError(f"{where}: cannot derive {d.name!r} (op = {d.op!r}): {message}") from None
+        lf = derived
+    return lf
+
+
+def _derived(d: DeriveDesc, schema: pl.Schema) -> pl.Expr:
+    """The expression of derived column `d` (see DeriveDesc) over rows of `schema`."""
+    column = pl.col(d.column)
+    number = column.cast(pl.Float64)
+    if d.op == "threshold":
+        return (number >= d.at).cast(pl.Float64)
+    if d.op == "map":
+        default = pl.lit(d.default, pl.Float64)
+        return column.cast(pl.String).replace_strict(list(d.values), list(d.values.values()), default=default)
+    if d.op == "log1p":
+        return number.log1p()
+    if d.op == "bucket":
+        band = pl.sum_horizontal((number >= edge).cast(pl.Int64) for edge in d.edges)
+        return pl.when(number.is_null()).then(None).otherwise(band)
+    if d.op == "prefix":
+        return column.cast(pl.String).str.slice(0, d.length)
+    if d.op == "flags":
+        return pl.concat_list(pl.when(pl.col(c) == 1).then(pl.lit(c)) for c in d.columns).list.drop_nulls()
+    if d.op in ("hour", "weekday"):
+        dtype = schema[d.column]
+        if dtype == pl.String:
+            when = column.str.strptime(pl.Datetime, d.format or None)
+        elif dtype.is_numeric():
+            when = pl.from_epoch(column, time_unit=d.unit)
+        else:
+            when = column
+        return (when.dt.hour() if d.op == "hour" else when.dt.weekday()).cast(pl.Int64)
+    return pl.sql_expr(d.sql)
 
 
 def _check_parquet_files(files: list[Path]) -> None:
@@ -271,8 +384,9 @@ class RawEncoder:
             if wanted and join.on not in lf.collect_schema():
                 raise InputError(f"{source}: column {join.on!r} (to join {wanted} from {join.path}) is missing")
             if wanted:
-                side = self._side(join.path, join.on, wanted, source)
+                side = self._side(join, wanted, source)
                 lf = lf.join(side, on=join.on, how="left", maintain_order="left")
+        lf = derive_columns(lf, desc, source, optional={label.source for label in desc.labels})
         available = lf.collect_schema()
         needed = [(f.source, f"feature {f.name!r}") for f in desc.features]
         needed += [(t.key, f"text {t.name!r} key") for t in desc.texts] + [(k, "key") for k in desc.keys]
@@ -287,7 +401,8 @@ class RawEncoder:
         with reading(source):  # e.g. an id column of strings where the vocabulary holds numbers
             return lf.select(shard_columns(desc)).collect()
 
-    def _side(self, pattern: str, on: str, columns: list[str], source: str) -> pl.LazyFrame:
+    def _side(self, join: JoinDesc, columns: list[str], source: str) -> pl.LazyFrame:
+        pattern, on = join.path, join.on
         if pattern not in self._sides:
             try:
                 files = find_files(self.side_dir, pattern)
@@ -297,5 +412,6 @@ class RawEncoder:
                     f"not under {self.side_dir} (pass the raw folder that has it)"
                 ) from None
             with reading(files[0]):
-                self._sides[pattern] = unique_side_table(scan_raw(files, self.desc), on, files[0]).collect()
+                side = scan_raw(files, join.read or self.desc.read)
+                self._sides[pattern] = unique_side_table(side, on, files[0]).collect()
         return self._sides[pattern].lazy().select(on, *columns)
