@@ -163,7 +163,12 @@ def fingerprint(cfg: Config, schema: Schema) -> dict[str, Any]:
     return {
         "tasks": [t.name for t in cfg.tasks],
         "model": to_mapping(cfg.model),
-        "text": {"model": cfg.text.model, "dtype": cfg.text.dtype, "finetune_layers": cfg.text.finetune_layers},
+        "text": {
+            "model": cfg.text.model,
+            "dtype": cfg.text.dtype,
+            "max_length": cfg.text.max_length,
+            "finetune_layers": cfg.text.finetune_layers,
+        },
         "loss.weighting": cfg.loss.weighting,
         "tables": {t.name: [t.num_embeddings, t.embedding_dim] for t in schema.tables},
         "texts": {t.name: t.num_texts for t in schema.texts},

@@ -1,6 +1,7 @@
 """`recsys-mtl`: one console script, one subcommand per stage of the pipeline. Parses, then calls library functions."""
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -20,20 +21,21 @@ KNOWN_WARNINGS = (
     ".*torch.jit.*deprecated.*",
     ".*Failed to import.*",
     ".*is now DEPRECATED.*",
-    ".*The topology was constructed directly.*",
 )
 
 
 def _encode_text(args: argparse.Namespace) -> None:
     import torch
 
-    from recsys_mtl.config import TextConfig
+    from recsys_mtl.config import TextConfig, load_config
     from recsys_mtl.text import encode_dataset
 
-    cfg = TextConfig(model=args.model, batch_size=args.batch_size, max_length=args.max_length, dtype=args.dtype)
+    cfg = load_config(args.config).text if args.config else TextConfig()
+    flags = {"model": args.model, "batch_size": args.batch_size, "max_length": args.max_length, "dtype": args.dtype}
+    cfg = dataclasses.replace(cfg, **{key: value for key, value in flags.items() if value is not None})
     encoded = encode_dataset(args.dataset, cfg, torch.device(args.device), progress=not args.quiet)
     done = ", ".join(f"{name}: {n:,} new" for name, n in encoded.items()) or "no text features"
-    print(f"encoded texts of {args.dataset} with {cfg.model} ({cfg.dtype}): {done}")
+    print(f"encoded texts of {args.dataset} with {cfg.model} ({cfg.dtype}, {cfg.max_length} tokens): {done}")
 
 
 def _device(name: str):
@@ -79,7 +81,8 @@ def _evaluate(args: argparse.Namespace) -> None:
     device = _device(args.device)
     with process_group(device):
         metrics = evaluate_run(args.run_dir, args.split, device, tuple(args.baselines))
-    print(f"{'metric':<28}{'model':>10}{'oracle':>10}{'ratio':>8}")
+    has_oracle = any(name.startswith("oracle/") for name in metrics)
+    print(f"{'metric':<28}{'model':>10}" + (f"{'oracle':>10}{'ratio':>8}" if has_oracle else ""))
     for name, value in metrics.items():
         if is_task_metric(name):
             oracle, ratio = metrics.get(f"oracle/{name}"), metrics.get(f"ratio/{name}")
@@ -155,12 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
         "model and a hash of the text. Texts already encoded by the same model are skipped.",
     )
     enc.add_argument("dataset", type=Path, help="prepared dataset folder")
-    enc.add_argument(
-        "--model", default=text_defaults.model, help="packaged all-MiniLM-L6-v2 or a local folder (%(default)s)"
-    )
-    enc.add_argument("--batch-size", type=int, default=text_defaults.batch_size, help="texts per batch (%(default)s)")
-    enc.add_argument("--max-length", type=int, default=text_defaults.max_length, help="tokens per text (%(default)s)")
-    enc.add_argument("--dtype", choices=["float32", "bfloat16"], default=text_defaults.dtype, help="(%(default)s)")
+    enc.add_argument("--config", type=Path, help="take the text settings of this training config (flags override)")
+    enc.add_argument("--model", help=f"packaged all-MiniLM-L6-v2 or a local folder ({text_defaults.model})")
+    enc.add_argument("--batch-size", type=int, help=f"texts per batch ({text_defaults.batch_size})")
+    enc.add_argument("--max-length", type=int, help=f"tokens a text is cut to ({text_defaults.max_length})")
+    enc.add_argument("--dtype", choices=["float32", "bfloat16"], help=f"({text_defaults.dtype})")
     enc.add_argument("--device", default="cpu", help="cpu or cuda (%(default)s)")
     enc.add_argument("--quiet", action="store_true", help="no progress bar")
     enc.set_defaults(func=_encode_text)

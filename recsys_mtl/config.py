@@ -92,7 +92,7 @@ class TextConfig:
 
     model: str = "all-MiniLM-L6-v2"
     batch_size: int = 256
-    max_length: int = 64
+    max_length: int = 128  # reviews (median 80 tokens): 64 cut 63% of them, 128 cuts 11%
     dtype: Literal["float32", "bfloat16"] = "float32"  # bf16 agrees (cos > 0.9999), 0.34x here
     finetune_layers: int = 0  # > 0: run BERT in the model and fine-tune its last k layers (small runs)
 

@@ -16,8 +16,9 @@ from torch import nn
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.embedding_types import EmbeddingComputeKernel
 from torchrec.distributed.model_parallel import DefaultDataParallelWrapper
-from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
-from torchrec.distributed.planner.types import ParameterConstraints
+from torchrec.distributed.planner import EmbeddingShardingPlanner
+from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
+from torchrec.distributed.planner.types import KernelConfig, ParameterConstraints, TopologyFactory, TrainerConfig
 from torchrec.distributed.sharding_plan import get_default_sharders
 from torchrec.distributed.types import ShardingEnv, ShardingPlan, ShardingType
 from torchrec.optim import RowWiseAdagrad
@@ -134,8 +135,15 @@ def shard_model(model: MultiTaskRanker, cfg: Config, device: torch.device) -> Sh
     tables = [param for ebc in model.trained_tables() for param in ebc.parameters()]
     apply_optimizer_in_backward(RowWiseAdagrad, tables, {"lr": cfg.optim.embedding_lr})
     model.freeze(cfg.train.freeze)
-    topology = Topology(world_size=dist.get_world_size(pg), compute_device=device.type)
-    planner = EmbeddingShardingPlanner(topology=topology, constraints=_constraints(model, cfg))
+    topology = TopologyFactory.create_topology(
+        trainer_config=TrainerConfig(world_size=dist.get_world_size(pg)),
+        kernel_config=KernelConfig(compute_device=device.type),
+    )
+    planner = EmbeddingShardingPlanner(
+        topology=topology,
+        constraints=_constraints(model, cfg),
+        storage_reservation=FixedPercentageStorageReservation(percentage=0.15),  # torchrec's recommended policy
+    )
     plan = planner.collective_plan(model, get_default_sharders(), pg)
     sharded = DistributedModelParallel(
         model,

@@ -2,7 +2,8 @@
 
 binary: auc, gauc (by user, impression-weighted over users with both classes), logloss, calibration (mean prediction /
 mean label). A task `after` another (cvr): auc_clicked (pCVR on rows where the other task's label is 1) and
-ctcvr_auc, ctcvr_logloss (pCTR * pCVR on every row). regression: rmse, mae. count: poisson_deviance, rmse_log1p.
+ctcvr_auc, ctcvr_logloss (pCTR * pCVR on every row). regression: rmse, mae. count: poisson_deviance, rmse (of the
+counts against the predicted means), rmse_log1p (of log1p(count) against its expectation under the predicted Poisson).
 
 A metric that is undefined on the data (an AUC whose labels are all 0 or all 1, any metric without labelled rows) is
 NaN, never an exception; `format_metric` shows it as "—". Which way each one improves: tasks.better.
@@ -105,8 +106,28 @@ def mae(labels: Tensor, predictions: Tensor) -> float:
     return float((predictions.double() - labels.double()).abs().mean())
 
 
+def expected_log1p(rates: Tensor, chunk: int = 65_536) -> Tensor:
+    """E[log(1 + Y)] for Y ~ Poisson(rate), each rate: the estimate of log1p(count) with the least squared error under
+    the model (log1p(rate) overestimates it: log is concave). Summed over k < 256 below a rate of 100, else the
+    second-order approximation log1p(mu) - mu / (2 (1 + mu)^2)."""
+    mu = rates.double().clamp(min=1e-12)
+    k = torch.arange(256, dtype=torch.float64)
+    exact = (
+        torch.cat(
+            [
+                ((k * part.log()[:, None] - part[:, None] - torch.lgamma(k + 1)).exp() * k.log1p()).sum(1)
+                for part in mu.clamp(max=100).split(chunk)
+            ]
+        )
+        if len(mu)
+        else mu
+    )
+    return torch.where(mu < 100, exact, mu.log1p() - mu / (2 * (1 + mu) ** 2))
+
+
 def rmse_log1p(counts: Tensor, rates: Tensor) -> float:
-    return float((rates.double().log1p() - counts.double().log1p()).pow(2).mean().sqrt())
+    """RMSE of log1p(count) against its expectation under the predicted Poisson rates (see expected_log1p)."""
+    return float((expected_log1p(rates) - counts.double().log1p()).pow(2).mean().sqrt())
 
 
 def _gauc(spec: TaskSpec, data: _Evaluation) -> float | None:

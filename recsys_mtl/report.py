@@ -37,6 +37,23 @@ class EvaluationDetails:
     calibration: dict[str, CalibrationCurve]  # binary task -> its curve
 
 
+def _metrics_note(metrics: dict[str, float], has_baselines: bool) -> str:
+    """What the metrics table shows, for the columns it has."""
+    notes = ["AUCs are exact."]
+    if any(k.startswith("oracle/") for k in metrics):
+        notes.append(
+            "`model / oracle` compares with the true probabilities of the data's generator (1.0 = the best achievable "
+            "for AUCs; for errors and deviances, lower is better and the oracle is the floor)."
+        )
+    if has_baselines:
+        notes.append("Baselines are single-task runs on the same data.")
+    notes.append(
+        "— marks a metric undefined on this split (an AUC where the task's labels are all 0 or all 1, any metric of a "
+        "task without labelled rows)."
+    )
+    return " ".join(notes)
+
+
 def metrics_table(metrics: dict[str, float], baselines: dict[str, dict[str, float]]) -> str:
     """Markdown table: one row per model metric; columns model, oracle, model / oracle, then each baseline."""
     names = [k for k in metrics if is_task_metric(k)]
@@ -209,10 +226,7 @@ def write_report(
         "",
         "## Metrics",
         "",
-        "AUCs are exact. `model / oracle` compares with the true probabilities of the synthetic world (1.0 = the best "
-        "achievable for AUCs; for errors and deviances, lower is better and the oracle is the floor). Baselines are "
-        "single-task runs on the same data. — marks a metric undefined on this split (an AUC where the task's labels "
-        "are all 0 or all 1, any metric of a task without labelled rows).",
+        _metrics_note(metrics, bool(baselines)),
         "",
         metrics_table(metrics, baselines),
         "",

@@ -78,7 +78,7 @@ TASK_KINDS: dict[str, TaskKind] = {
     "binary": TaskKind(_probability, "bce", ("auc", "gauc", "logloss", "calibration")),
     "after": TaskKind(_probability, "bce", ("auc_clicked", "ctcvr_auc", "ctcvr_logloss")),
     "regression": TaskKind(_bounded, None, ("rmse", "mae")),
-    "count": TaskKind(_expected_count, "poisson", ("poisson_deviance", "rmse_log1p")),
+    "count": TaskKind(_expected_count, "poisson", ("poisson_deviance", "rmse", "rmse_log1p")),
 }
 
 

@@ -42,8 +42,8 @@ def resolve_model(name: str) -> Path:
 
 
 def model_id(cfg: TextConfig) -> str:
-    """What identifies a set of vectors: the model and the dtype it ran in."""
-    return f"{cfg.model}@{cfg.dtype}"
+    """What identifies a set of vectors: the model, the dtype it ran in and the tokens a text is cut to."""
+    return f"{cfg.model}@{cfg.dtype}@{cfg.max_length}"
 
 
 def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
@@ -63,10 +63,16 @@ class TextEncoder:
         self.cfg, self.device = cfg, device
         self.dim = self.model.config.hidden_size
 
+    def token_lengths(self, texts: list[str]) -> np.ndarray:
+        """Each text's length in tokens, special tokens included, before truncation to `max_length`."""
+        return np.array([len(ids) for ids in self.tokenizer(texts, truncation=False)["input_ids"]], dtype=np.int64)
+
     @torch.inference_mode()
-    def encode(self, texts: list[str], progress: bool = False) -> Tensor:
-        """Encode in batches of similar length (less padding); the result keeps the input order. Returns [N, D]."""
-        order = np.argsort([len(t) for t in texts], kind="stable")
+    def encode(self, texts: list[str], progress: bool = False, lengths: np.ndarray | None = None) -> Tensor:
+        """Encode in batches of similar token length (least padding); the result keeps the input order. `lengths`:
+        `token_lengths(texts)`, when known. Returns [N, D]."""
+        lengths = self.token_lengths(texts) if lengths is None else lengths
+        order = np.argsort(lengths, kind="stable")
         out = torch.empty(len(texts), self.dim)
         step = self.cfg.batch_size
         for start in tqdm(range(0, len(texts), step), desc="encode-text", unit="batch", disable=not progress):
@@ -114,8 +120,22 @@ def encode_dataset(folder: Path, cfg: TextConfig, device: torch.device, progress
         todo = merged.filter(pl.col("vector").is_null())
         if todo.height:
             encoder = encoder or TextEncoder(cfg, device)
-            log.info("encoding %d of %d %s texts with %s", todo.height, table.height, text.name, identity)
-            vectors = encoder.encode(todo["text"].to_list(), progress=progress)
+            texts = todo["text"].to_list()
+            lengths = encoder.token_lengths(texts)
+            cut = int((lengths > cfg.max_length).sum())
+            log.info(
+                "encoding %d of %d %s texts with %s; %d of them (%.1f%%, median %d tokens) are longer than "
+                "max_length %d tokens and are truncated",
+                todo.height,
+                table.height,
+                text.name,
+                identity,
+                cut,
+                100 * cut / len(texts),
+                np.median(lengths),
+                cfg.max_length,
+            )
+            vectors = encoder.encode(texts, progress=progress, lengths=lengths)
             fresh = todo.select("id").with_columns(pl.Series("new", vectors.numpy()).cast(pl.List(pl.Float32)))
             merged = merged.join(fresh, on="id", how="left", maintain_order="left").with_columns(
                 pl.coalesce("vector", "new").alias("vector")

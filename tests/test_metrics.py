@@ -10,11 +10,13 @@ from recsys_mtl.metrics import (
     auc,
     calibration,
     dead_experts,
+    expected_log1p,
     format_metric,
     gate_entropy,
     gauc,
     logloss,
     poisson_deviance,
+    rmse_log1p,
     task_metrics,
 )
 from recsys_mtl.tasks import TaskSpec
@@ -190,3 +192,17 @@ def test_ple_loads_cover_only_the_experts_a_task_routes_to() -> None:
 def test_an_expert_no_task_routes_to_counts_as_dead() -> None:
     loads = torch.tensor([[0.5, 0.5, 0.0]])
     assert dead_experts(loads, torch.tensor([[True, True, False]])).tolist() == [False, False, True]
+
+
+def test_expected_log1p_is_the_poisson_mean_of_log1p_and_beats_a_constant_where_log1p_of_the_rate_does_not() -> None:
+    torch.manual_seed(0)
+    rates = torch.tensor([0.05, 0.5, 3.0, 40.0, 99.0, 400.0])
+    samples = torch.poisson(rates.repeat(200_000, 1))
+    torch.testing.assert_close(expected_log1p(rates), samples.log1p().mean(0).double(), atol=3e-3, rtol=1e-3)
+    # skewed counts (most rows 0, a few large), predicted with their true rates
+    true = torch.where(torch.rand(20_000) < 0.9, 0.2, 30.0)
+    counts = torch.poisson(true)
+    constant = torch.full_like(true, float(counts.mean()))
+    assert rmse_log1p(counts, true) < rmse_log1p(counts, constant)
+    naive = float((true.double().log1p() - counts.double().log1p()).pow(2).mean().sqrt())
+    assert rmse_log1p(counts, true) < naive

@@ -1,6 +1,7 @@
 import shutil
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 import torch
@@ -67,7 +68,7 @@ def test_missing_or_foreign_vectors_are_refused(dataset: Path, tiny_bert: Path) 
     with pytest.raises(MissingInputError, match=r"run `recsys-mtl encode-text"):
         load_text_vectors(dataset, schema, TextConfig(model=str(tiny_bert)))
     encode_dataset(dataset, TextConfig(model=str(tiny_bert)), CPU, progress=False)
-    with pytest.raises(InputError, match=r"expected .* from 'all-MiniLM-L6-v2@float32'"):
+    with pytest.raises(InputError, match=r"expected .* from 'all-MiniLM-L6-v2@float32@128'"):
         load_text_vectors(dataset, schema, TextConfig())
     vectors = dataset / "text_emb" / "ad_text.parquet"
     vectors.write_bytes(vectors.read_bytes()[:-30])
@@ -104,3 +105,20 @@ def test_packaged_minilm_encodes_the_default_world_once(tmp_path: Path) -> None:
     assert encode_dataset(out, TextConfig(), CPU, progress=False) == {"item_title": 0, "ad_text": 0}
     vectors = load_text_vectors(out, Schema.load(out), TextConfig())["item_title"]
     assert vectors.shape == (5001, 384)
+
+
+def test_another_max_length_encodes_again_and_the_truncated_share_is_reported(
+    dataset: Path, tiny_bert: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    long = TextConfig(model=str(tiny_bert), max_length=64)
+    titles = pl.read_parquet(dataset / "text" / "item_title.parquet")["text"].to_list()
+    lengths = TextEncoder(long, CPU).token_lengths(titles)
+    short = TextConfig(model=str(tiny_bert), max_length=int(np.median(lengths)))
+    caplog.set_level("INFO", logger="recsys_mtl.text")
+    first = encode_dataset(dataset, short, CPU, progress=False)
+    cut = int((lengths > short.max_length).sum())
+    assert 0 < cut < len(titles)
+    assert f"{cut} of them ({100 * cut / len(titles):.1f}%, median {int(np.median(lengths))} tokens)" in caplog.text
+    assert encode_dataset(dataset, long, CPU, progress=False) == first  # a new key: every text again
+    with pytest.raises(InputError, match=f"@{short.max_length}'"):
+        load_text_vectors(dataset, Schema.load(dataset), short)
