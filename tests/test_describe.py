@@ -370,3 +370,14 @@ def test_bulk_features_refuse_a_name_beside_their_names(tmp_path: Path) -> None:
 def test_prepare_without_a_description_says_which_it_used(tiny_world: Path, tmp_path: Path, capsys) -> None:
     assert main(["prepare", str(tiny_world), "--out", str(tmp_path / "ds")]) == 0
     assert "description 'synthetic' (the default; --description names another)" in capsys.readouterr().out
+
+
+def test_the_readme_example_description_loads(tmp_path: Path) -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    example = readme.split("A description is a TOML file", 1)[1].split("```toml\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "example.toml").write_text(example)
+    desc = read_description(tmp_path / "example.toml")
+    assert [f.name for f in desc.features] == ["item", "category", "brand", "city", "price", "views"]
+    assert desc.read.null_values == ("?", "NA")
+    assert desc.joins[0].read is not None
+    assert desc.joins[0].read.separator == "|"
