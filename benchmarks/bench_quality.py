@@ -71,7 +71,7 @@ def train_variants(
     starts its progress lines.
 
     Returns:
-        variant -> summarise() of its test metrics per seed.
+        variant -> summarise() of its test metrics (and `train/steps`, the steps it trained) per seed.
     """
     results = {}
     for name, cfg in chosen.items():
@@ -79,10 +79,10 @@ def train_variants(
         for seed in seeds:
             start = time.perf_counter()
             run = runs / f"{name}-{seed}"
-            train(
+            trained = train(
                 dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seed)), run, device, progress=False
             )
-            per_seed[seed] = evaluate_run(run, "test", device)
+            per_seed[seed] = evaluate_run(run, "test", device) | {"train/steps": float(trained.steps)}
             shown = {c: round(per_seed[seed][c], 4) for c in COLUMNS if c in per_seed[seed]}
             minutes = (time.perf_counter() - start) / 60
             print(f"{label}{name} seed {seed} ({minutes:.1f} min): {shown}", flush=True)

@@ -141,7 +141,7 @@ class OptimConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     batch_size: int = 2048
-    epochs: int = 1
+    epochs: int = 10  # at most: early stopping (patience) ends a run whose validation stops improving
     max_steps: int = 0  # 0: no limit
     schedule: Literal["joint", "alternating"] = "joint"  # alternating: joint steps between per-task steps in turn
     freeze: tuple[Freezable, ...] = ()
