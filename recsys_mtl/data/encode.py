@@ -194,10 +194,9 @@ def _scan_text(path: Path, read: ReadDesc) -> pl.LazyFrame:
         with reading(path):
             if codecs.lookup(read.encoding).name == "utf-8":
                 lf = pl.scan_csv(path, **options)
-                names = lf.collect_schema().names()  # reads the first rows
             else:
                 lf = pl.read_csv(path, encoding=read.encoding, **options).lazy()
-                names = lf.collect_schema().names()
+            names = lf.collect_schema().names()  # a lazy scan reads the first rows here
     except InputError as err:
         raise InputError(f"{err}; {how}") from err
     if not read.header:
