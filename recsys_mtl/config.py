@@ -129,7 +129,8 @@ class OptimConfig:
     dense: Literal["adam", "adamw"] = "adam"
     lr: float = 5e-3
     weight_decay: float = 0.0
-    decay: Literal["none", "linear"] = "linear"  # dense lr to 5% of `lr` over the run: a steadier final model
+    # dense lr to 5% of `lr` within each epoch (restarting: early stopping keeps the best epoch) or over the run
+    decay: Literal["epoch", "linear", "none"] = "epoch"
 
     def __post_init__(self) -> None:
         if self.embedding_lr <= 0 or self.lr <= 0:

@@ -95,10 +95,16 @@ def main_metric(cfg: Config, specs: tuple[TaskSpec, ...]) -> str:
     return cfg.train.early_stop_metric or headline_metric(specs[0])
 
 
-def set_learning_rate(trainer: Trainer, step: int, total_steps: int) -> None:
-    """The dense learning rate of `step` (a function of the step alone, so a resumed run follows the same curve)."""
+def set_learning_rate(trainer: Trainer, step: int, per_epoch: int) -> None:
+    """The dense learning rate of `step` (a function of the step alone, so a resumed run follows the same curve):
+    `optim.decay` "epoch": linearly to 5% of `optim.lr` within every epoch of `per_epoch` steps, restarting at `lr`
+    (so an early-stopped run's first epoch is a one-epoch run's); "linear": to 5% over all `train.epochs`."""
     optim = trainer.cfg.optim
-    scale = 1.0 if optim.decay == "none" else 1.0 - 0.95 * min(step / max(total_steps, 1), 1.0)
+    if optim.decay == "none":
+        scale = 1.0
+    else:
+        period = max(per_epoch * (trainer.cfg.train.epochs if optim.decay == "linear" else 1), 1)
+        scale = 1.0 - 0.95 * min((step % period if optim.decay == "epoch" else step) / period, 1.0)
     for group in trainer.sharded.dense_optimizer.param_groups:
         group["lr"] = optim.lr * scale
 
@@ -157,7 +163,7 @@ class _Run:
     metrics: MetricsLog
     bar: tqdm
     metric: str  # the early-stopping metric
-    total_steps: int  # of the learning-rate schedule
+    per_epoch: int  # steps per epoch (of the learning-rate schedule)
     conflict_every: int  # steps between gradient-conflict measures; 0: never
     losses: list[float] = field(default_factory=list)
     valid: list[dict[str, float]] = field(default_factory=list)
@@ -250,7 +256,7 @@ def _train(cfg: Config, run_dir: Path, device: torch.device, resume: bool, progr
         metrics=MetricsLog(run_dir, enabled=rank == 0, resumed_at=position.step if resume else None),
         bar=tqdm(total=total, initial=position.step, desc="train", unit="step", disable=not progress or rank != 0),
         metric=main_metric(cfg, trainer.specs),
-        total_steps=per_epoch * cfg.train.epochs,  # not max_steps
+        per_epoch=per_epoch,
         conflict_every=_conflict_every(trainer),
         start_step=position.step,
         saved_step=position.step if resume else -1,
@@ -329,7 +335,7 @@ def _fit(run: _Run) -> bool:
 def _step(run: _Run, batch: Batch) -> None:
     """One training step: the update, its loss checked, the log lines."""
     position, cfg = run.progress, run.cfg.train
-    set_learning_rate(run.trainer, position.step, run.total_steps)
+    set_learning_rate(run.trainer, position.step, run.per_epoch)
     measure = conflict_due(run.conflict_every, position.step + 1)
     step_metrics = train_step(run.trainer, batch.to(run.trainer.device), position.step, measure_conflict=measure)
     health = {k: step_metrics.pop(k) for k in [k for k in step_metrics if k.startswith(CONFLICT_PREFIX)]}

@@ -295,3 +295,27 @@ def test_the_conflict_is_measured_every_conflict_every_steps_and_never_on_a_froz
     assert _records(tmp_path / "frozen", "health") == []
     warnings = [r.getMessage() for r in caplog.records if r.name == "recsys_mtl.train" and r.levelname == "WARNING"]
     assert warnings == ["train.conflict_every = 1: no gradient conflict is measured, the shared layer is frozen"]
+
+
+@pytest.mark.parametrize(
+    ("decay", "epochs", "expected"),
+    [
+        ("epoch", 3, [1.0, 0.525, 1.0, 0.525, 1.0]),  # restarts every epoch of 10 steps
+        ("linear", 1, [1.0, 0.525, 0.05, 0.05, 0.05]),  # the same first epoch as "epoch" for any number of epochs
+        ("linear", 2, [1.0, 0.7625, 0.525, 0.2875, 0.05]),
+        ("none", 3, [1.0] * 5),
+    ],
+)
+def test_the_learning_rate_decays_within_each_epoch_or_over_the_run(decay: str, epochs: int, expected: list) -> None:
+    from types import SimpleNamespace
+
+    from recsys_mtl.config import OptimConfig, TrainConfig
+
+    group = {"lr": 0.0}
+    cfg = SimpleNamespace(optim=OptimConfig(lr=2.0, decay=decay), train=TrainConfig(epochs=epochs))  # type: ignore[arg-type]
+    trainer = SimpleNamespace(cfg=cfg, sharded=SimpleNamespace(dense_optimizer=SimpleNamespace(param_groups=[group])))
+    rates = []
+    for step in (0, 5, 10, 15, 20):
+        train_module.set_learning_rate(trainer, step, per_epoch=10)  # type: ignore[arg-type]
+        rates.append(group["lr"] / 2.0)
+    assert rates == pytest.approx(expected)
