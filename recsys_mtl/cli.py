@@ -28,14 +28,16 @@ def _encode_text(args: argparse.Namespace) -> None:
     import torch
 
     from recsys_mtl.config import TextConfig, load_config
-    from recsys_mtl.text import encode_dataset
+    from recsys_mtl.text import encode_dataset, text_dtype
 
     cfg = load_config(args.config).text if args.config else TextConfig()
     flags = {"model": args.model, "batch_size": args.batch_size, "max_length": args.max_length, "dtype": args.dtype}
     cfg = dataclasses.replace(cfg, **{key: value for key, value in flags.items() if value is not None})
-    encoded = encode_dataset(args.dataset, cfg, torch.device(args.device), progress=not args.quiet)
+    device = torch.device(args.device)
+    encoded = encode_dataset(args.dataset, cfg, device, progress=not args.quiet)
     done = ", ".join(f"{name}: {n:,} new" for name, n in encoded.items()) or "no text features"
-    print(f"encoded texts of {args.dataset} with {cfg.model} ({cfg.dtype}, {cfg.max_length} tokens): {done}")
+    dtype = text_dtype(cfg, device) + (" (auto)" if cfg.dtype == "auto" else "")
+    print(f"encoded texts of {args.dataset} with {cfg.model} ({dtype}, {cfg.max_length} tokens): {done}")
 
 
 def _device(name: str):
@@ -162,7 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--model", help=f"packaged all-MiniLM-L6-v2 or a local folder ({text_defaults.model})")
     enc.add_argument("--batch-size", type=int, help=f"texts per batch ({text_defaults.batch_size})")
     enc.add_argument("--max-length", type=int, help=f"tokens a text is cut to ({text_defaults.max_length})")
-    enc.add_argument("--dtype", choices=["float32", "bfloat16"], help=f"({text_defaults.dtype})")
+    enc.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16"],
+        help=f"auto: bfloat16 where the chip has native bf16 ({text_defaults.dtype})",
+    )
     enc.add_argument("--device", default="cpu", help="cpu or cuda (%(default)s)")
     enc.add_argument("--quiet", action="store_true", help="no progress bar")
     enc.set_defaults(func=_encode_text)

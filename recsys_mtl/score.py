@@ -35,6 +35,7 @@ from recsys_mtl.data.schema import KEY_PREFIX, SCHEMA_FILE, SPLITS, Schema, chec
 from recsys_mtl.distributed import world
 from recsys_mtl.errors import InputError, MissingInputError, OutputExistsError, reading
 from recsys_mtl.files import LOCK_FILE, atomic_file, atomic_write_text, check_output, locked
+from recsys_mtl.hardware import bf16_choice
 from recsys_mtl.model.ranker import autocast
 from recsys_mtl.run import TrainedRun, load_run
 from recsys_mtl.tasks import predict
@@ -203,6 +204,7 @@ def score(
         raise InputError(f"--split must be one of {SPLITS}, got {split!r}")
     inp, out = Path(inp), Path(out)
     scoring = load_run(run_dir, device, int8)
+    log.info("%s", bf16_choice(scoring.cfg.train.bf16, device))
     raw = not (inp / SCHEMA_FILE).is_file()  # the one place that tells a prepared dataset from raw rows
     encoder = RawEncoder(scoring.cfg.dataset, side_dir) if raw else None
     if not raw:

@@ -20,6 +20,7 @@ from recsys_mtl.config import TextConfig
 from recsys_mtl.data.schema import TEXT_EMB, Schema, read_table
 from recsys_mtl.errors import InputError, MissingInputError
 from recsys_mtl.files import atomic_file
+from recsys_mtl.hardware import native_bf16
 
 log = logging.getLogger(__name__)
 PACKAGED_MODEL = "all-MiniLM-L6-v2"
@@ -41,9 +42,20 @@ def resolve_model(name: str) -> Path:
     return path
 
 
-def model_id(cfg: TextConfig) -> str:
+def text_dtype(cfg: TextConfig, device: torch.device) -> str:
+    """The dtype BERT runs in: `text.dtype`, or for "auto" bfloat16 where `device` has native bf16, else float32."""
+    auto = cfg.dtype == "auto" and bool(native_bf16(device))
+    return "bfloat16" if cfg.dtype == "bfloat16" or auto else "float32"
+
+
+def model_id(cfg: TextConfig, dtype: str) -> str:
     """What identifies a set of vectors: the model, the dtype it ran in and the tokens a text is cut to."""
-    return f"{cfg.model}@{cfg.dtype}@{cfg.max_length}"
+    return f"{cfg.model}@{dtype}@{cfg.max_length}"
+
+
+def accepted_ids(cfg: TextConfig) -> set[str]:
+    """The vectors `cfg` takes as its own: of its dtype, or under "auto" of either (they agree to cos > 0.999)."""
+    return {model_id(cfg, dtype) for dtype in (("float32", "bfloat16") if cfg.dtype == "auto" else (cfg.dtype,))}
 
 
 def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
@@ -58,7 +70,7 @@ class TextEncoder:
     def __init__(self, cfg: TextConfig, device: torch.device) -> None:
         path = resolve_model(cfg.model)
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+        dtype = torch.bfloat16 if text_dtype(cfg, device) == "bfloat16" else torch.float32
         self.model = AutoModel.from_pretrained(path, local_files_only=True, dtype=dtype).to(device).eval()
         self.cfg, self.device = cfg, device
         self.dim = self.model.config.hidden_size
@@ -103,7 +115,7 @@ def encode_dataset(folder: Path, cfg: TextConfig, device: torch.device, progress
     schema = Schema.load(folder)
     out_dir = folder / TEXT_EMB
     out_dir.mkdir(exist_ok=True)
-    identity = model_id(cfg)
+    identity, accepted = model_id(cfg, text_dtype(cfg, device)), accepted_ids(cfg)
     encoder: TextEncoder | None = None
     encoded = {}
     for text in schema.texts:
@@ -113,7 +125,7 @@ def encode_dataset(folder: Path, cfg: TextConfig, device: torch.device, progress
         known = pl.DataFrame(schema={"key": table["key"].dtype, "hash": pl.String, "vector": pl.List(pl.Float32)})
         if path.is_file():
             stored = read_table(path)
-            known = stored.filter(pl.col("model") == identity).select(
+            known = stored.filter(pl.col("model").is_in(accepted)).select(
                 "key", "hash", pl.col("vector").cast(pl.List(pl.Float32))
             )
         merged = table.join(known, on=["key", "hash"], how="left", maintain_order="left")
@@ -161,10 +173,10 @@ def load_text_vectors(folder: Path, schema: Schema, cfg: TextConfig) -> dict[str
             raise MissingInputError(f"{path} is missing: run `recsys-mtl encode-text {folder}` first")
         stored = read_table(path)
         models = set(stored["model"].unique())
-        if models != {model_id(cfg)} or stored.height != text.num_texts - 1:
+        if not models <= accepted_ids(cfg) or stored.height != text.num_texts - 1:
             raise InputError(
                 f"{path}: has {stored.height} vectors from {sorted(models)}, expected {text.num_texts - 1} from "
-                f"{model_id(cfg)!r}: run `recsys-mtl encode-text {folder}` with this config"
+                f"{' or '.join(sorted(accepted_ids(cfg)))}: run `recsys-mtl encode-text {folder}` with this config"
             )
         vectors = torch.from_numpy(np.stack(list(stored.sort("id")["vector"].to_numpy())).astype(np.float32))
         tables[text.name] = torch.cat([torch.zeros(1, vectors.shape[1]), vectors])  # [num_texts, D_text]

@@ -42,6 +42,7 @@ from recsys_mtl.distributed import average_norm_statistics, init_process_group, 
 from recsys_mtl.errors import InputError, MissingInputError, OutputExistsError
 from recsys_mtl.evaluate import Predictor, split_metrics
 from recsys_mtl.files import atomic_write_text, locked
+from recsys_mtl.hardware import bf16_choice
 from recsys_mtl.metrics import format_metric
 from recsys_mtl.step import (
     CONFLICT_PREFIX,
@@ -245,6 +246,7 @@ def _train(cfg: Config, run_dir: Path, device: torch.device, resume: bool, progr
         plan = str(trainer.sharded.plan)
         atomic_write_text(run_dir / "sharding_plan.txt", plan + "\n")
         log.info("sharding plan over %d rank(s):\n%s", world_size, plan)
+        log.info("%s", bf16_choice(cfg.train.bf16, device))
     per_epoch = -(-dataset.num_rows("train") // (cfg.train.batch_size * world_size))
     total = min(cfg.train.max_steps or 1 << 62, per_epoch * cfg.train.epochs)
     run = _Run(

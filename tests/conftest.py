@@ -86,7 +86,7 @@ def tiny_config(dataset: Path, bert: Path, **sections: dict | list) -> Config:
         "tasks": [{"name": "ctr"}, {"name": "cvr", "after": "ctr"}, {"name": "rating"}, {"name": "reads"}],
         "model": {"expert_dims": [32, 16], "tower_dims": [8], "dense_dims": [8], "text_dim": 8, "num_experts": 3},
         "text": {"model": str(bert)},
-        "train": {"batch_size": 512, "epochs": 1},
+        "train": {"batch_size": 512, "epochs": 1, "bf16": False},  # fp32 on every machine: exact comparisons
     }
     for section, values in sections.items():
         data[section] = (

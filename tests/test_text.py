@@ -21,7 +21,7 @@ def dataset(tiny_dataset: Path, tmp_path: Path) -> Path:
 
 
 def test_each_text_is_encoded_once_and_only_new_or_changed_texts_later(dataset: Path, tiny_bert: Path) -> None:
-    cfg = TextConfig(model=str(tiny_bert))
+    cfg = TextConfig(model=str(tiny_bert), dtype="float32")
     schema = Schema.load(dataset)
     first = encode_dataset(dataset, cfg, CPU, progress=False)
     assert first == {t.name: t.num_texts - 1 for t in schema.texts}
@@ -68,7 +68,9 @@ def test_missing_or_foreign_vectors_are_refused(dataset: Path, tiny_bert: Path) 
     with pytest.raises(MissingInputError, match=r"run `recsys-mtl encode-text"):
         load_text_vectors(dataset, schema, TextConfig(model=str(tiny_bert)))
     encode_dataset(dataset, TextConfig(model=str(tiny_bert)), CPU, progress=False)
-    with pytest.raises(InputError, match=r"expected .* from 'all-MiniLM-L6-v2@float32@128'"):
+    with pytest.raises(
+        InputError, match=r"expected .* from all-MiniLM-L6-v2@bfloat16@128 or all-MiniLM-L6-v2@float32@128"
+    ):
         load_text_vectors(dataset, schema, TextConfig())
     vectors = dataset / "text_emb" / "ad_text.parquet"
     vectors.write_bytes(vectors.read_bytes()[:-30])
@@ -120,5 +122,5 @@ def test_another_max_length_encodes_again_and_the_truncated_share_is_reported(
     assert 0 < cut < len(titles)
     assert f"{cut} of them ({100 * cut / len(titles):.1f}%, median {int(np.median(lengths))} tokens)" in caplog.text
     assert encode_dataset(dataset, long, CPU, progress=False) == first  # a new key: every text again
-    with pytest.raises(InputError, match=f"@{short.max_length}'"):
+    with pytest.raises(InputError, match=f"@float32@{short.max_length}: run"):
         load_text_vectors(dataset, Schema.load(dataset), short)

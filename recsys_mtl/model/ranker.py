@@ -11,6 +11,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from recsys_mtl.config import Config, Freezable
 from recsys_mtl.data.batch import Batch
 from recsys_mtl.data.schema import Schema
+from recsys_mtl.hardware import use_bf16
 from recsys_mtl.model.embeddings import build_ebc, build_text_ebc
 from recsys_mtl.model.experts import Mixture, MixtureLevel
 from recsys_mtl.model.interaction import CrossNet
@@ -19,8 +20,8 @@ from recsys_mtl.text import TextFinetuner
 
 
 def autocast(cfg: Config, device: torch.device) -> torch.autocast:
-    """bf16 autocast of the dense network when `train.bf16` is set (losses are computed in fp32 regardless)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16)
+    """bf16 autocast of the dense network where `train.bf16` resolves to on (losses are computed in fp32 regardless)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(cfg.train.bf16, device))
 
 
 @dataclass
