@@ -13,6 +13,7 @@ from recsys_mtl.errors import InputError
 from recsys_mtl.metrics import auc
 from recsys_mtl.model.embeddings import TEXT_TABLE_PREFIX, read_table
 from recsys_mtl.model.experts import raw_gradients
+from recsys_mtl.model.ranker import autocast
 from recsys_mtl.step import CONFLICT_PREFIX, Trainer, build_trainer, gradient_cosines, predict_batch, train_step
 from tests.conftest import tiny_config
 
@@ -167,6 +168,9 @@ def test_bf16_autocast_step_keeps_fp32_losses(text_dataset: Path, tiny_bert: Pat
     metrics = train_step(trainer, batch, step=0)
     assert torch.isfinite(torch.tensor(metrics["loss"]))
     assert all(v.dtype == torch.float32 for v in predict_batch(trainer, batch).values())
+    with torch.no_grad(), autocast(trainer.cfg, trainer.device):
+        logits = trainer.model(batch.to(trainer.device)).logits
+    assert all(v.dtype == torch.float32 for v in logits.values())  # the towers run in fp32 under bf16 autocast
 
 
 def test_sharding_per_table_follows_the_config(text_dataset: Path, tiny_bert: Path) -> None:

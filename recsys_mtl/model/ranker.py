@@ -156,7 +156,8 @@ class MultiTaskRanker(nn.Module):
                 torch.cat([x, *self.pooled(ebc, sparse_kjt)], 1)
                 for x, ebc in zip(tower_inputs, self.task_ebcs.values(), strict=True)
             ]
-        logits = {t: self.towers[t](x) for t, x in zip(self.task_names, tower_inputs, strict=True)}
+        with torch.autocast(task_inputs.device.type, enabled=False):  # the small heads in fp32: bf16 cost rating RMSE
+            logits = {t: self.towers[t](x.float()) for t, x in zip(self.task_names, tower_inputs, strict=True)}
         return RankerOutput(logits=logits, gate_weights=gate_weights)
 
     def tower_weights(self) -> list[Tensor]:
