@@ -20,7 +20,7 @@ from recsys_mtl.config import TextConfig
 from recsys_mtl.data.schema import TEXT_EMB, Schema, read_table
 from recsys_mtl.errors import InputError, MissingInputError
 from recsys_mtl.files import atomic_file
-from recsys_mtl.hardware import native_bf16
+from recsys_mtl.hardware import use_bf16
 
 log = logging.getLogger(__name__)
 PACKAGED_MODEL = "all-MiniLM-L6-v2"
@@ -44,8 +44,8 @@ def resolve_model(name: str) -> Path:
 
 def text_dtype(cfg: TextConfig, device: torch.device) -> str:
     """The dtype BERT runs in: `text.dtype`, or for "auto" bfloat16 where `device` has native bf16, else float32."""
-    auto = cfg.dtype == "auto" and bool(native_bf16(device))
-    return "bfloat16" if cfg.dtype == "bfloat16" or auto else "float32"
+    setting = "auto" if cfg.dtype == "auto" else cfg.dtype == "bfloat16"
+    return "bfloat16" if use_bf16(setting, device) else "float32"
 
 
 def model_id(cfg: TextConfig, dtype: str) -> str:
