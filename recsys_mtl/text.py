@@ -14,7 +14,6 @@ import polars as pl
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
-from transformers import AutoModel, AutoTokenizer
 
 from recsys_mtl.config import TextConfig
 from recsys_mtl.data.schema import TEXT_EMB, Schema, read_table
@@ -69,6 +68,8 @@ class TextEncoder:
 
     def __init__(self, cfg: TextConfig, device: torch.device) -> None:
         path = resolve_model(cfg.model)
+        from transformers import AutoModel, AutoTokenizer  # here: importing transformers costs every command 1.2 s
+
         self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         dtype = torch.bfloat16 if text_dtype(cfg, device) == "bfloat16" else torch.float32
         self.model = AutoModel.from_pretrained(path, local_files_only=True, dtype=dtype).to(device).eval()
@@ -193,6 +194,8 @@ class TextFinetuner(nn.Module):
     def __init__(self, cfg: TextConfig, texts: dict[str, list[str]]) -> None:
         super().__init__()
         path = resolve_model(cfg.model)
+        from transformers import AutoModel, AutoTokenizer
+
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.bert = AutoModel.from_pretrained(path, local_files_only=True)
         for param in self.bert.parameters():

@@ -51,3 +51,11 @@ def test_the_import_scan_sees_function_level_imports(tmp_path: Path) -> None:
     source = tmp_path / "module.py"
     source.write_text("import os\n\ndef run():\n    from data_prep.synth import WorldConfig\n    import data_prep\n")
     assert _imports(source) == [("os", None), ("data_prep.synth", "run"), ("data_prep", "run")]
+
+
+def test_commands_that_need_no_bert_do_not_import_transformers() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, recsys_mtl.evaluate, recsys_mtl.score, recsys_mtl.train; print('transformers' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
