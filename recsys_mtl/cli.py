@@ -78,13 +78,12 @@ def _train(args: argparse.Namespace) -> None:
 def _evaluate(args: argparse.Namespace) -> None:
     from recsys_mtl.distributed import process_group
     from recsys_mtl.evaluate import evaluate_run
-    from recsys_mtl.metrics import MixtureHealth, format_metric, is_task_metric
+    from recsys_mtl.metrics import MixtureHealth, format_metric, has_oracle, is_task_metric
 
     device = _device(args.device)
     with process_group(device):
         metrics = evaluate_run(args.run_dir, args.split, device, tuple(args.baselines))
-    has_oracle = any(name.startswith("oracle/") for name in metrics)
-    print(f"{'metric':<28}{'model':>10}" + (f"{'oracle':>10}{'ratio':>8}" if has_oracle else ""))
+    print(f"{'metric':<28}{'model':>10}" + (f"{'oracle':>10}{'ratio':>8}" if has_oracle(metrics) else ""))
     for name, value in metrics.items():
         if is_task_metric(name):
             oracle, ratio = metrics.get(f"oracle/{name}"), metrics.get(f"ratio/{name}")

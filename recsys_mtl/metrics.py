@@ -200,6 +200,11 @@ MIXTURE_PREFIX = "mixture/"
 DEAD_LOAD = 0.02  # an expert is dead when every task that can route to it gives it less mean gate weight than this
 
 
+def has_oracle(metrics: dict[str, float]) -> bool:
+    """Whether evaluated `metrics` carry the oracle's twins (the data has an oracle)."""
+    return any(name.startswith("oracle/") for name in metrics)
+
+
 def is_task_metric(name: str) -> bool:
     """Whether `name` is one of the model's own `<task>/<metric>`, not an `oracle/`, `ratio/` or `mixture/` one."""
     return not name.startswith(("oracle/", "ratio/", MIXTURE_PREFIX))

@@ -13,7 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from recsys_mtl.files import atomic_write_text
-from recsys_mtl.metrics import DEAD_LOAD, MixtureHealth, format_metric, is_task_metric
+from recsys_mtl.metrics import DEAD_LOAD, MixtureHealth, format_metric, has_oracle, is_task_metric
 from recsys_mtl.tasks import better, is_headline
 
 
@@ -40,7 +40,7 @@ class EvaluationDetails:
 def _metrics_note(metrics: dict[str, float], has_baselines: bool) -> str:
     """What the metrics table shows, for the columns it has."""
     notes = ["AUCs are exact."]
-    if any(k.startswith("oracle/") for k in metrics):
+    if has_oracle(metrics):
         notes.append(
             "`model / oracle` compares with the true probabilities of the data's generator (1.0 = the best achievable "
             "for AUCs; for errors and deviances, lower is better and the oracle is the floor)."
@@ -57,12 +57,12 @@ def _metrics_note(metrics: dict[str, float], has_baselines: bool) -> str:
 def metrics_table(metrics: dict[str, float], baselines: dict[str, dict[str, float]]) -> str:
     """Markdown table: one row per model metric; columns model, oracle, model / oracle, then each baseline."""
     names = [k for k in metrics if is_task_metric(k)]
-    has_oracle = any(k.startswith("oracle/") for k in metrics)
-    header = ["metric", "model", *(["oracle", "model / oracle"] if has_oracle else []), *baselines]
+    oracle = has_oracle(metrics)
+    header = ["metric", "model", *(["oracle", "model / oracle"] if oracle else []), *baselines]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in names:
         row = [name, format_metric(metrics[name])]
-        if has_oracle:
+        if oracle:
             row += [format_metric(metrics.get(f"oracle/{name}")), format_metric(metrics.get(f"ratio/{name}"))]
         row += [format_metric(b.get(name)) for b in baselines.values()]
         lines.append("| " + " | ".join(row) + " |")

@@ -173,11 +173,11 @@ def load_text_vectors(folder: Path, schema: Schema, cfg: TextConfig) -> dict[str
         if not path.is_file():
             raise MissingInputError(f"{path} is missing: run `recsys-mtl encode-text {folder}` first")
         stored = read_table(path)
-        models = set(stored["model"].unique())
-        if not models <= accepted_ids(cfg) or stored.height != text.num_texts - 1:
+        models, accepted = set(stored["model"].unique()), accepted_ids(cfg)
+        if not models <= accepted or stored.height != text.num_texts - 1:
             raise InputError(
                 f"{path}: has {stored.height} vectors from {sorted(models)}, expected {text.num_texts - 1} from "
-                f"{' or '.join(sorted(accepted_ids(cfg)))}: run `recsys-mtl encode-text {folder}` with this config"
+                f"{' or '.join(sorted(accepted))}: run `recsys-mtl encode-text {folder}` with this config"
             )
         vectors = torch.from_numpy(np.stack(list(stored.sort("id")["vector"].to_numpy())).astype(np.float32))
         tables[text.name] = torch.cat([torch.zeros(1, vectors.shape[1]), vectors])  # [num_texts, D_text]

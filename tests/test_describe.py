@@ -21,6 +21,8 @@ from recsys_mtl.train import train
 from tests.conftest import tiny_config
 
 GENRES = ["action", "comedy", "drama", "horror", "romance"]
+ITEM_COLUMNS = ", ".join(f'"{c}"' for c in ["item_id", "title", *GENRES])
+ITEM_READ = f'{{ header = false, separator = "|", encoding = "latin-1", columns = [{ITEM_COLUMNS}] }}'  # join and text
 RATINGS_DESCRIPTION = f"""
 name = "ratings"
 rows = ["u.data"]
@@ -37,9 +39,7 @@ read = {{ header = false, separator = "|", columns = ["user_id", "age", "gender"
 path = "u.item"
 on = "item_id"
 columns = {GENRES}
-read = {{ header = false, separator = "|", encoding = "latin-1", columns = ["item_id", "title", {
-    ", ".join(f'"{g}"' for g in GENRES)
-}] }}
+read = {ITEM_READ}
 
 [[derive]]
 name = "liked"
@@ -91,9 +91,7 @@ name = "title"
 key = "item_id"
 path = "u.item"
 columns = ["title"]
-read = {{ header = false, separator = "|", encoding = "latin-1", columns = ["item_id", "title", {
-    ", ".join(f'"{g}"' for g in GENRES)
-}] }}
+read = {ITEM_READ}
 
 [[labels]]
 name = "liked"
