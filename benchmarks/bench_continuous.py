@@ -38,7 +38,7 @@ import polars as pl
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, machine
+from common import RESULTS, machine, write_markdown
 
 from data_prep.description import load_description
 from data_prep.prepare import prepare
@@ -286,7 +286,7 @@ def _write(
     data = {"meta": meta, "days": days, "strategies": strategies, "seeds": per_seed}
     atomic_write_text(RESULTS / f"{args.out}.json", json.dumps(data, indent=1) + "\n")
     text = markdown(days, per_seed)
-    atomic_write_text(RESULTS / f"{args.out}.md", f"# {args.out}\n\n`{meta['command']}`\n\n{text}")
+    write_markdown(args.out, meta["command"], text)
     plot(days, strategies, RESULTS / f"{args.out}.png")
 
 

@@ -42,7 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_quality import COLUMNS, run_meta, train_variants, variants
-from common import RESULTS, scaled_world
+from common import RESULTS, scaled_world, write_markdown
 
 from data_prep.description import load_description
 from data_prep.prepare import prepare
@@ -177,7 +177,7 @@ def write_outputs(out: str, results: dict[str, dict[int, dict]], meta: dict[str,
     RESULTS.mkdir(exist_ok=True)
     atomic_write_text(RESULTS / f"{out}.json", json.dumps({"meta": meta, "worlds": results}, indent=1) + "\n")
     text = markdown(results, seeds)
-    atomic_write_text(RESULTS / f"{out}.md", f"# {out}\n\n`{meta['command']}`\n\n{text}\n![{PLOTTED}]({out}.png)\n")
+    write_markdown(out, meta["command"], f"{text}\n![{PLOTTED}]({out}.png)")
     plot(results, RESULTS / f"{out}.png")
 
 

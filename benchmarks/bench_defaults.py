@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_quality import run_meta, train_variants
-from common import RESULTS
+from common import RESULTS, write_markdown
 
 from recsys_mtl.config import load_config
 from recsys_mtl.files import atomic_write_text
@@ -79,9 +79,7 @@ def main() -> None:
             meta = run_meta(args, seeds, start)
             RESULTS.mkdir(exist_ok=True)
             atomic_write_text(RESULTS / "defaults.json", json.dumps({"meta": meta, "datasets": results}, indent=1))
-            atomic_write_text(
-                RESULTS / "defaults.md", f"# defaults\n\n`{meta['command']}`\n\n{markdown(results, seeds)}"
-            )
+            write_markdown("defaults", meta["command"], markdown(results, seeds))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine, print_table, write_results
+from common import print_table, write_results
 
 from recsys_mtl.config import Config, TrainConfig, load_config
 from recsys_mtl.data.batch import Batch
@@ -132,15 +132,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50, help="steps per window (at 50: one measure in each)")
     parser.add_argument("--repeats", type=int, default=10, help="windows per variant")
     args = parser.parse_args()
-    info = machine()
     rows, summary = measure(args.config, torch.device(args.device), args.steps, args.repeats)
     cfg = load_config(args.config)
-    where = f"{info['cpu']} (flags {', '.join(info['cpu_flags']) or 'none of interest'}), {info['threads']} threads"
-    if args.device == "cuda":
-        where = f"{info['cuda']}; host {where}"
     markdown = "\n".join(
         [
-            f"\n{where}; torch {info['torch']}",
             print_table(
                 rows,
                 f"training step with and without the gradient-conflict measure ({args.config}, batch "

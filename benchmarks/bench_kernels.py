@@ -9,8 +9,10 @@
    embedding rows touched (3 x the looked-up rows' bytes: read forward, read + write in the update) against copy.
 3. Fused experts (stacked weights, one batched matmul) against a per-expert loop; the dense network (cross layers,
    MMoE, towers) eager against torch.compile.
-4. The project's full training step on the config's dataset at batch 4096 against the batch reader; model FLOP
-   utilisation (dense FLOPs per sample x samples/s / the fp32 matmul rate); a torch.profiler table of one step.
+4. The project's full training step on the config's dataset at batch 4096, in fp32 and, where the device has native
+   bf16, under bf16 autocast, against the batch reader; model FLOP utilisation (dense FLOPs per sample x samples/s /
+   the matmul rate of the dtype the step runs its matmuls in); a torch.profiler table of three steps in the dtype
+   `train.bf16 = "auto"` picks.
 Writes benchmarks/results/kernels_<device>.json and .md.
 """
 
@@ -40,6 +42,7 @@ from common import best_of, print_table, write_results
 from recsys_mtl.config import ModelConfig, load_config
 from recsys_mtl.data.loader import Dataset, ReadOrder, read_batches
 from recsys_mtl.distributed import init_process_group
+from recsys_mtl.hardware import use_bf16
 from recsys_mtl.model.experts import ExpertStack, Mixture
 from recsys_mtl.model.interaction import CrossNet
 from recsys_mtl.model.towers import TaskTower
@@ -260,10 +263,13 @@ def dense_rows(cfg_model: ModelConfig, in_dim: int, device: torch.device, quick:
     return rows
 
 
-def full_step_rows(config: Path, device: torch.device, matmul_flops: float, quick: bool) -> tuple[list[dict], str]:
-    """The project's train_step at batch 4096 on the config's dataset; the reader over the same rows; MFU; profile."""
+def full_step_rows(
+    config: Path, device: torch.device, bf16: bool, matmul_flops: float, quick: bool
+) -> tuple[list[dict], str]:
+    """The project's train_step at batch 4096 on the config's dataset (bf16 autocast or not); the reader over the same
+    rows; MFU against `matmul_flops` (FLOP/s of the dtype in use); a profile of three steps."""
     cfg = load_config(config)
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=BATCH))
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=BATCH, bf16=bf16))
     dataset = Dataset(cfg.dataset)
     trainer = build_trainer(cfg, dataset, device)
     num_batches = 6 if quick else 24
@@ -301,13 +307,13 @@ def full_step_rows(config: Path, device: torch.device, matmul_flops: float, quic
         for _ in range(3):
             step()
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60)
+    dtype = "bf16" if bf16 else "fp32"
     rows = [
-        {"measure": "training step, samples/s", "value": BATCH / seconds},
-        {"measure": "batch reader, rows/s (shuffled, same batches)", "value": BATCH / reader_seconds},
-        {"measure": "reader / training", "value": seconds / reader_seconds},
+        {"measure": f"training step ({dtype}), samples/s", "value": BATCH / seconds},
+        {"measure": f"batch reader rows/s over training samples/s ({dtype})", "value": seconds / reader_seconds},
         {"measure": "dense FLOPs per sample (forward + backward)", "value": flops_per_sample},
         {
-            "measure": "model FLOP utilisation (of the fp32 matmul rate)",
+            "measure": f"model FLOP utilisation ({dtype} step, of the {dtype} matmul rate)",
             "value": flops_per_sample * BATCH / seconds / matmul_flops,
         },
     ]
@@ -328,7 +334,12 @@ def main() -> None:
     embedding = embedding_rows(device, limits["copy GB/s"], args.quick)
     cfg = load_config(args.config)
     dense = dense_rows(cfg.model, 400, device, args.quick)
-    step, profile_table = full_step_rows(args.config, device, limits["matmul float32 GFLOP/s"] * 1e9, args.quick)
+    step, profile_table = [], ""
+    auto = use_bf16("auto", device)
+    for bf16 in (False, True) if auto else (False,):
+        rate = limits[f"matmul {'bfloat16' if bf16 else 'float32'} GFLOP/s"] * 1e9
+        rows, table = full_step_rows(args.config, device, bf16, rate, args.quick)
+        step, profile_table = step + rows, table if bf16 == auto else profile_table
     markdown = "\n".join(
         [
             print_table([limits], f"this machine's ceilings ({args.device})"),
@@ -339,7 +350,8 @@ def main() -> None:
             ),
             print_table(dense, f"dense part, forward + backward + Adam, batch {BATCH}, input width 400"),
             print_table(step, f"the project's training step ({args.config}, batch {BATCH})"),
-            f"\nprofile of three training steps (self CPU time)\n\n```\n{profile_table}\n```",
+            f"\nprofile of three training steps ({'bf16' if auto else 'fp32'}, self CPU time)",
+            f"\n```\n{profile_table}\n```",
         ]
     )
     print(f"\nprofile of three training steps\n{profile_table}")

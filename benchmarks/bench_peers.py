@@ -29,7 +29,7 @@ import tomli_w
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, print_table, write_results
+from common import RESULTS, machine, machine_line, print_table, write_results
 
 from recsys_mtl.config import Config, TaskConfig, load_config
 from recsys_mtl.data.loader import Dataset
@@ -324,7 +324,7 @@ def main() -> None:
     command = "python benchmarks/bench_peers.py " + " ".join(sys.argv[1:])
     name = "peers_quick" if args.quick else "peers"  # a functional check never overwrites the real results
     write_results(name, rows, command=command, caveats=lines, details=records)
-    write_markdown(RESULTS / f"{name}.md", rows, records, title, [f"`{command}`", *lines])
+    write_markdown(RESULTS / f"{name}.md", rows, records, title, [f"`{command}`", machine_line(machine()), *lines])
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, machine
+from common import RESULTS, machine, write_markdown
 
 from recsys_mtl.config import Config, TaskConfig, load_config
 from recsys_mtl.evaluate import evaluate_run
@@ -147,7 +147,7 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     atomic_write_text(RESULTS / f"{args.out}.json", json.dumps({"meta": meta, "variants": results}, indent=1) + "\n")
     text = markdown(results, seeds, base.dataset)
-    atomic_write_text(RESULTS / f"{args.out}.md", f"# {args.out}\n\n`{meta['command']}`\n\n{text}")
+    write_markdown(args.out, meta["command"], text)
     print(text)
 
 

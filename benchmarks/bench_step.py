@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_health import NUM_BATCHES, WARMUP_STEPS, Side
-from common import machine, print_table, write_results
+from common import print_table, write_results
 
 from recsys_mtl.config import load_config
 from recsys_mtl.data.loader import Dataset, ReadOrder, read_batches
@@ -62,11 +62,8 @@ def main() -> None:
         for name, seconds in windows.items()
     ]
     ratio = rows[0]["samples/s (median window)"] / rows[1]["samples/s (median window)"]
-    info = machine()
     markdown = "\n".join(
         [
-            f"\n{info['cpu']} (flags {', '.join(info['cpu_flags']) or 'none of interest'}), {info['threads']} threads; "
-            f"torch {info['torch']}",
             print_table(
                 rows,
                 f"training step of {args.config} (batch {batch_size}, {args.device}; {args.repeats} alternating "

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from data_prep.synth import WorldConfig
+from recsys_mtl.files import atomic_write_text
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -80,14 +81,28 @@ def machine() -> dict[str, object]:
     }
 
 
+def machine_line(info: dict[str, object]) -> str:
+    """One line naming the machine of a `machine()` record."""
+    flags = ", ".join(info["cpu_flags"]) or "none of " + ", ".join(SPEED_FLAGS)  # type: ignore[arg-type]
+    gpu = f"; GPU {info['cuda']}" if info["cuda"] else ""
+    versions = f"torch {info['torch']}, fbgemm {info['fbgemm']}"
+    return f"Machine: {info['cpu']} ({info['machine']}; flags {flags}), {info['threads']} threads{gpu}; {versions}"
+
+
+def write_markdown(name: str, command: str, body: str) -> None:
+    """benchmarks/results/<name>.md: a title, the command that made it, the machine it ran on, then `body`."""
+    RESULTS.mkdir(exist_ok=True)
+    command_line = f"`{command}`\n\n" if command else ""
+    atomic_write_text(RESULTS / f"{name}.md", f"# {name}\n\n{command_line}{machine_line(machine())}\n\n{body}\n")
+
+
 def write_results(name: str, rows: list[dict], markdown: str = "", **meta: object) -> Path:
     """benchmarks/results/<name>.json (meta + rows) and, given the printed tables, <name>.md."""
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"{name}.json"
     info = {**machine(), **meta}
-    path.write_text(json.dumps({"meta": info, "rows": rows}, indent=2) + "\n")
+    atomic_write_text(path, json.dumps({"meta": info, "rows": rows}, indent=2) + "\n")
     if markdown:
-        command = f"`{meta['command']}`\n" if "command" in meta else ""
-        (RESULTS / f"{name}.md").write_text(f"# {name}\n\n{command}{markdown}\n")
+        write_markdown(name, str(meta.get("command", "")), markdown)
     print(f"\nwrote {path}")
     return path
