@@ -1,18 +1,28 @@
 #!/usr/bin/env bash
-# Fetch, where pip works, the wheels benchmarks/gpu_check.sh installs on a GPU machine without network: the project's
-# needs that its image lacks, for its Python (PY_VERSION, default 3.12) on manylinux x86_64. The machine's own CUDA
-# torch stays if it is the release fbgemm-gpu was built for (torch 2.13 for fbgemm-gpu 1.8.0; else carry that torch's
-# CUDA wheel too, or set FBGEMM to the fbgemm-gpu of the machine's torch). Sizes: fbgemm-gpu 1.8.0 (CUDA) is 495 MB and
-# a CUDA torch about 900 MB, so they travel only where the transfer allows that much.
+# Fetch, where pip works, the wheels benchmarks/gpu_check.sh installs on a GPU machine that has its own CUDA torch and
+# no network: the project's needs that machine lacks, built for ITS torch (TORCH, default 2.11, what the lent H200
+# machines have) and Python (PY_VERSION, default 3.12), and no more than a run may carry (64 MiB with the checkout).
 #
-#   bash benchmarks/gpu_wheels.sh [DEST (default .whl)]
+#   TORCH=2.11 bash benchmarks/gpu_wheels.sh [DEST (default .whl)]
+#
+# fbgemm-gpu and torchrec are released in step with torch (fbgemm-gpu 1.6 for torch 2.11, 1.7 for 2.12, 1.8 for 2.13).
+# Their CUDA build is too big to carry (fbgemm-gpu 1.6.0: a 465 MB wheel, 2.5 GB unpacked), so the CPU build of the
+# same release travels instead (5.7 MB): torchrec imports, its modules and the project's whole-model inference run on
+# the GPU, and gpu_check.sh says which checks need fbgemm's CUDA kernels. FBGEMM=fbgemm-gpu==X fetches the CUDA build
+# for a machine that can take it.
 set -euo pipefail
 DEST=${1:-.whl}
+TORCH=${TORCH:-2.11}
 PY_VERSION=${PY_VERSION:-3.12}
-FBGEMM=${FBGEMM:-fbgemm-gpu==1.8.0}
+declare -A RELEASE=([2.11]=1.6.0 [2.12]=1.7.0 [2.13]=1.8.0)
+declare -A TORCHREC=([2.11]=1.6.1 [2.12]=1.7.0 [2.13]=1.8.0)
+[ -n "${RELEASE[$TORCH]:-}" ] || { echo "TORCH=$TORCH: expected one of ${!RELEASE[*]}" >&2; exit 2; }
+FBGEMM=${FBGEMM:-fbgemm-gpu-cpu==${RELEASE[$TORCH]}}
 PLATFORMS=(manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64)
-mkdir -p "$DEST"
+rm -rf "$DEST" && mkdir -p "$DEST"
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$PY_VERSION" --implementation cp \
-  "${PLATFORMS[@]/#/--platform=}" -d "$DEST" \
-  torchrec==1.8.0 "$FBGEMM" polars==2.1.0 polars-runtime-32==2.1.0 tensordict==0.15.3 tomli-w==1.2.0 torchmetrics==1.0.3 pyre-extensions==0.0.32
-du -sh "$DEST"
+  "${PLATFORMS[@]/#/--platform=}" -d "$DEST" "torchrec==${TORCHREC[$TORCH]}" "$FBGEMM" polars==2.1.0 \
+  polars-runtime-32==2.1.0 tensordict==0.15.3 pyvers==0.2.3 tomli-w==1.2.0 pyre-extensions==0.0.32
+size=$(du -sm "$DEST" | cut -f1)
+echo "$DEST: ${size} MB for torch $TORCH ($FBGEMM)"
+[ "$size" -le 62 ] || echo "warning: over 62 MB: with the checkout this may not fit the 64 MiB a run carries" >&2

@@ -109,9 +109,11 @@ def mae(labels: Tensor, predictions: Tensor) -> float:
 def expected_log1p(rates: Tensor, chunk: int = 65_536) -> Tensor:
     """E[log(1 + Y)] for Y ~ Poisson(rate), each rate: the estimate of log1p(count) with the least squared error under
     the model (log1p(rate) overestimates it: log is concave). Summed over k < 256 below a rate of 100, else the
-    second-order approximation log1p(mu) - mu / (2 (1 + mu)^2)."""
+    second-order approximation log1p(mu) - mu / (2 (1 + mu)^2). The sum stops where no rate has mass left (beyond the
+    largest rate + 12 standard deviations + 30)."""
     mu = rates.double().clamp(min=1e-12)
-    k = torch.arange(256, dtype=torch.float64)
+    top = float(mu.clamp(max=100).max()) if len(mu) else 0.0
+    k = torch.arange(min(256, int(top + 12 * top**0.5 + 30)), dtype=torch.float64)
     exact = (
         torch.cat(
             [

@@ -206,3 +206,11 @@ def test_expected_log1p_is_the_poisson_mean_of_log1p_and_beats_a_constant_where_
     assert rmse_log1p(counts, true) < rmse_log1p(counts, constant)
     naive = float((true.double().log1p() - counts.double().log1p()).pow(2).mean().sqrt())
     assert rmse_log1p(counts, true) < naive
+
+
+def test_expected_log1p_stops_its_sum_only_where_no_rate_has_mass_left() -> None:
+    k = torch.arange(256, dtype=torch.float64)
+    for rates in (torch.tensor([0.01, 0.7, 2.5]), torch.tensor([0.3, 9.0]), torch.tensor([55.0, 99.9])):
+        mu = rates.double()
+        full = ((k * mu.log()[:, None] - mu[:, None] - torch.lgamma(k + 1)).exp() * k.log1p()).sum(1)  # all terms
+        torch.testing.assert_close(expected_log1p(rates), full, atol=1e-12, rtol=1e-12)
