@@ -112,7 +112,7 @@ def expected_log1p(rates: Tensor, chunk: int = 65_536) -> Tensor:
     second-order approximation log1p(mu) - mu / (2 (1 + mu)^2). The sum stops where no rate has mass left (beyond the
     largest rate + 12 standard deviations + 30)."""
     mu = rates.double().clamp(min=1e-12)
-    top = float(mu.clamp(max=100).max()) if len(mu) else 0.0
+    top = float(mu.clamp(max=100).nan_to_num(100).max()) if len(mu) else 0.0  # a NaN rate stays NaN
     k = torch.arange(min(256, int(top + 12 * top**0.5 + 30)), dtype=torch.float64)
     exact = (
         torch.cat(
