@@ -80,9 +80,14 @@ def _evaluate(args: argparse.Namespace) -> None:
     from recsys_mtl.evaluate import evaluate_run
     from recsys_mtl.metrics import MixtureHealth, format_metric, has_oracle, is_task_metric
 
+    explain = None
+    if args.explain:  # Captum imported only where asked for
+        from recsys_mtl.explain import ExplainSettings
+
+        explain = ExplainSettings()
     device = _device(args.device)
     with process_group(device):
-        metrics = evaluate_run(args.run_dir, args.split, device, tuple(args.baselines))
+        metrics = evaluate_run(args.run_dir, args.split, device, tuple(args.baselines), explain)
     print(f"{'metric':<28}{'model':>10}" + (f"{'oracle':>10}{'ratio':>8}" if has_oracle(metrics) else ""))
     for name, value in metrics.items():
         if is_task_metric(name):
@@ -97,6 +102,40 @@ def _evaluate(args: argparse.Namespace) -> None:
             print(f"{task:<10}{entropy:>8}{top:>7}  " + " ".join(f"{e} {w:.2f}" for e, w in loads.items()))
         print(f"dead experts: {health.dead_share:.0%}" + (f" ({', '.join(health.dead())})" if health.dead() else ""))
     print(f"wrote {args.run_dir / f'metrics_{args.split}.json'} and {args.run_dir / f'report_{args.split}.md'}")
+    if args.explain:
+        print(f"explained in {args.run_dir / f'explain_{args.split}.json'} and the report's Explanations section")
+
+
+def _explain_settings(args: argparse.Namespace):
+    """The ExplainSettings of `explain`'s flags (a test holds the flags' defaults to the dataclass's)."""
+    from recsys_mtl.explain import ExplainSettings
+
+    return ExplainSettings(
+        sample=args.sample,
+        attribution_rows=args.ig_rows,
+        steps=args.steps,
+        repeats=args.repeats,
+        rows=args.rows,
+        keys=tuple(args.key),
+        top=args.top,
+        seed=args.seed,
+    )
+
+
+def _explain(args: argparse.Namespace) -> None:
+    from recsys_mtl.errors import InputError
+    from recsys_mtl.explain import explain_run, format_tables
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise InputError("explain runs in one process: start it without torchrun")
+    settings = _explain_settings(args)
+    explanation = explain_run(args.run_dir, args.split, _device(args.device), settings, progress=not args.quiet)
+    for title, table in format_tables(explanation).items():
+        print(f"\n{title}\n{table}")
+    checks = [f"{t} {e:.3f} / {explanation.agreement[t]:.2f}" for t, e in explanation.completeness.items()]
+    print("\nintegrated gradients' completeness error / rank correlation with the permutation: " + ", ".join(checks))
+    out = args.run_dir / f"explain_{args.split}"
+    print(f"\nwrote {out}.json, {out}.md and {out}_<task>.png")
 
 
 def _score(args: argparse.Namespace) -> None:
@@ -136,6 +175,32 @@ def _score(args: argparse.Namespace) -> None:
     non_finite = [f"{name} {count:,}" for name, count in summary.non_finite.items() if count]
     if non_finite:
         print("rows with an inf / NaN dense value (scored as if it were missing): " + ", ".join(non_finite))
+
+
+def _tune(args: argparse.Namespace) -> None:
+    import optuna
+
+    from recsys_mtl.distributed import process_group
+    from recsys_mtl.errors import InputError
+    from recsys_mtl.tune import tune
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise InputError("tune runs its trials in one process: start it without torchrun (machines share --storage)")
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # tune itself logs one line per trial
+    if not args.verbose:  # not every trial's sharding plan and validations
+        logging.getLogger("recsys_mtl.train").setLevel(logging.WARNING)
+    device = _device(args.device)
+    with process_group(device):
+        result = tune(
+            args.config, args.space, args.out, args.trials, device, tuple(args.set), args.storage, args.study_name
+        )
+    counts = ", ".join(f"{n} {state}" for state, n in result.counts.items() if n)
+    print(f"study {result.study_name!r} in {result.storage}: {counts}; objective {result.objective}")
+    if result.best is None:
+        print(f"no trial completed, so no best.toml; see {args.out / 'trials.csv'}")
+        return
+    print(f"best trial {result.best.number}: {result.best.value:.5g} with {result.best.params}")
+    print(f"wrote {args.out / 'best.toml'}, {args.out / 'trials.csv'} and {args.out / 'report.md'}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -206,8 +271,42 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("run_dir", type=Path, help="a run dir written by train")
     ev.add_argument("--split", default="test", choices=["train", "valid", "test"], help="(%(default)s)")
     ev.add_argument("--baselines", type=Path, nargs="*", default=[], help="evaluated runs to compare with")
+    ev.add_argument(
+        "--explain",
+        action="store_true",
+        help="also explain the model (recsys-mtl explain with its defaults): explain_SPLIT.json, its plots and a "
+        "section of the report",
+    )
     ev.add_argument("--device", default="cpu", help="cpu or cuda (%(default)s)")
     ev.set_defaults(func=_evaluate)
+
+    ex = sub.add_parser(
+        "explain",
+        help="which input features each task and each task's gate rely on (integrated gradients, permutation)",
+        description="On rows of a split drawn at random, each task on the rows it is judged on: each input feature's "
+        "importance for each task (Captum's integrated gradients of the task's logit, checked by the exact permutation "
+        "importance on its headline metric) and for each task's gate; the top features of single rows. Writes "
+        "RUN_DIR/explain_SPLIT.json, explain_SPLIT.md and one PNG per task; prints the tables.",
+    )
+    ex.add_argument("run_dir", type=Path, help="a run dir written by train")
+    ex.add_argument("--split", default="test", choices=["train", "valid", "test"], help="(%(default)s)")
+    ex.add_argument("--sample", type=int, default=20_000, help="rows drawn from the split; 0: all (%(default)s)")
+    ex.add_argument("--ig-rows", type=int, default=2_000, help="rows per task for integrated gradients (%(default)s)")
+    ex.add_argument("--steps", type=int, default=16, help="integrated gradients' steps (%(default)s)")
+    ex.add_argument("--repeats", type=int, default=2, help="shuffles per feature and task (%(default)s)")
+    ex.add_argument("--rows", type=int, default=3, help="rows explained one by one (%(default)s)")
+    ex.add_argument(
+        "--key",
+        action="append",
+        default=[],
+        metavar="COLUMN=VALUE",
+        help="explain the rows whose key column has this value (e.g. impression_id=42), not the sample's first",
+    )
+    ex.add_argument("--top", type=int, default=5, help="features shown per task and row (%(default)s)")
+    ex.add_argument("--seed", type=int, default=0, help="of the sample and the shuffles (%(default)s)")
+    ex.add_argument("--device", default="cpu", help="cpu or cuda (%(default)s)")
+    ex.add_argument("--quiet", action="store_true", help="no progress bar")
+    ex.set_defaults(func=_explain)
 
     sc = sub.add_parser(
         "score",
@@ -240,6 +339,24 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--device", default="cpu", help="cpu or cuda (%(default)s)")
     sc.add_argument("--quiet", action="store_true", help="no progress bar")
     sc.set_defaults(func=_score)
+
+    tu = sub.add_parser(
+        "tune",
+        help="hyperparameter search (Optuna): trials of a config over a search space, best config and report",
+        description="Search a space of config keys (SPACE.toml: one table per key and a [study] table) with Optuna; "
+        "every trial trains in this process into TUNE_DIR/trials/NNNN, poor ones are pruned at a validation. The "
+        "study lives in TUNE_DIR/study.db (or --storage): a rerun resumes it, machines on one --storage share it. "
+        "Writes TUNE_DIR/best.toml (for train --config), trials.csv and report.md with plots.",
+    )
+    tu.add_argument("--config", type=Path, required=True, help="the TOML config trials start from")
+    tu.add_argument("--space", type=Path, required=True, help="search space TOML (see configs/demo_space.toml)")
+    tu.add_argument("--trials", type=int, required=True, help="trials the study should hold done, in all")
+    tu.add_argument("--out", type=Path, required=True, metavar="TUNE_DIR", help="trials, best.toml, report")
+    tu.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for all trials")
+    tu.add_argument("--storage", help="SQLAlchemy URL of the study's database (default: sqlite in TUNE_DIR)")
+    tu.add_argument("--study-name", default="tune", help="(%(default)s)")
+    tu.add_argument("--device", default="cpu", help="cpu or cuda (%(default)s)")
+    tu.set_defaults(func=_tune)
     return parser
 
 

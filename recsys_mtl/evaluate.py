@@ -6,7 +6,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import polars as pl
@@ -26,6 +26,9 @@ from recsys_mtl.model.ranker import RankerOutput, autocast
 from recsys_mtl.report import CalibrationCurve, EvaluationDetails, write_report
 from recsys_mtl.run import load_run
 from recsys_mtl.tasks import TaskSpec, add_joint, predict
+
+if TYPE_CHECKING:
+    from recsys_mtl.explain import ExplainSettings
 
 log = logging.getLogger(__name__)
 CALIBRATION_BINS = 10
@@ -236,11 +239,19 @@ def write_json(path: Path, data: dict) -> None:
     atomic_write_text(path, json.dumps(data, indent=1) + "\n")
 
 
-def evaluate_run(run_dir: Path, split: str, device: torch.device, baselines: tuple[Path, ...] = ()) -> dict[str, float]:
+def evaluate_run(
+    run_dir: Path,
+    split: str,
+    device: torch.device,
+    baselines: tuple[Path, ...] = (),
+    explain: "ExplainSettings | None" = None,
+) -> dict[str, float]:
     """Evaluate a trained run on `split`: metrics_<split>.json, details_<split>.json and report_<split>.md.
 
     Args:
         baselines: other runs (e.g. single-task) already evaluated on `split`, shown beside this one in the report.
+        explain: also explain the model with these settings (explain.py): explain_<split>.json and its plots, and
+            its section in the report.
     """
     run_dir = Path(run_dir)
     run = load_run(run_dir, device)
@@ -268,5 +279,12 @@ def evaluate_run(run_dir: Path, split: str, device: torch.device, baselines: tup
             others[Path(baseline).name] = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise InputError(f"{path}: not a metrics file ({err})") from err
-    write_report(run_dir, split, metrics, details, others)
+    sections = []
+    if explain is not None:
+        from recsys_mtl.explain import explain as explain_model  # Captum only where asked for
+        from recsys_mtl.explain import write_explanation
+
+        log.info("explaining %s on the %s split", run_dir, split)
+        sections = write_explanation(run_dir, explain_model(run, split, explain))
+    write_report(run_dir, split, metrics, details, others, sections)
     return metrics

@@ -216,8 +216,10 @@ def write_report(
     metrics: dict[str, float],
     details: EvaluationDetails,
     baselines: dict[str, dict[str, float]],
+    sections: list[str] | None = None,
 ) -> Path:
-    """Write report_<split>.md and its PNGs into `run_dir`. Returns the markdown path."""
+    """Write report_<split>.md and its PNGs into `run_dir`, `sections` (markdown lines, e.g. the explanation's) last.
+    Returns the markdown path."""
     run_dir = Path(run_dir)
     parts = [
         f"# Report: {run_dir.name} on the {split} split",
@@ -242,5 +244,5 @@ def write_report(
         _calibration(curves, run_dir / f"calibration_{split}.png")
         parts += ["## Calibration", "", f"![calibration](calibration_{split}.png)", ""]
     path = run_dir / f"report_{split}.md"
-    atomic_write_text(path, "\n".join(parts))
+    atomic_write_text(path, "\n".join([*parts, *(sections or [])]))
     return path

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,6 +90,7 @@ class TrainResult:
     valid: list[dict[str, float]]  # validation metrics at every validation
     best: dict[str, float]
     stopped_early: bool
+    setup_s: float = 0.0  # seconds from the call to the first step: dataset, model, sharding plan, checkpoint loads
 
 
 def main_metric(cfg: Config, specs: tuple[TaskSpec, ...]) -> str:
@@ -166,6 +168,7 @@ class _Run:
     metric: str  # the early-stopping metric
     per_epoch: int  # steps per epoch (of the learning-rate schedule)
     conflict_every: int  # steps between gradient-conflict measures; 0: never
+    on_validation: Callable[[int, dict[str, float]], None] | None = None  # (step, metrics) after each validation
     losses: list[float] = field(default_factory=list)
     valid: list[dict[str, float]] = field(default_factory=list)
     started_at: float = field(default_factory=time.monotonic)
@@ -174,11 +177,20 @@ class _Run:
     saved_step: int = -1  # the step of the last `last` saved or loaded
 
 
-def train(cfg: Config, run_dir: Path, device: torch.device, resume: bool = False, progress: bool = True) -> TrainResult:
+def train(
+    cfg: Config,
+    run_dir: Path,
+    device: torch.device,
+    resume: bool = False,
+    progress: bool = True,
+    on_validation: Callable[[int, dict[str, float]], None] | None = None,
+) -> TrainResult:
     """Train `cfg` into `run_dir`: validation and early stopping, JSONL / TensorBoard metrics, checkpoints.
 
     With `resume`, continues from `run_dir/checkpoints/last` (model, optimizers, RNG, data position) and reaches the
     same state as a run that was never interrupted. `run_dir` is locked for the whole call (by rank 0).
+    `on_validation(step, metrics)` is called after every validation (logged, best checkpoint saved); an exception it
+    raises ends the run there (hyperparameter search prunes a trial so, see tune.py).
 
     Raises:
         OutputExistsError: `run_dir` is locked by another process, or holds a run and `resume` is false.
@@ -192,7 +204,7 @@ def train(cfg: Config, run_dir: Path, device: torch.device, resume: bool = False
     with locked(run_dir) if rank == 0 else nullcontext():
         if rank == 0:
             _check_run_dir(run_dir, cfg, resume)
-        return _train(cfg, run_dir, device, resume, progress)
+        return _train(cfg, run_dir, device, resume, progress, on_validation)
 
 
 def _check_run_dir(run_dir: Path, cfg: Config, resume: bool) -> None:
@@ -230,7 +242,15 @@ def _meaning(cfg: Config) -> dict:
     return tree
 
 
-def _train(cfg: Config, run_dir: Path, device: torch.device, resume: bool, progress: bool) -> TrainResult:
+def _train(
+    cfg: Config,
+    run_dir: Path,
+    device: torch.device,
+    resume: bool,
+    progress: bool,
+    on_validation: Callable[[int, dict[str, float]], None] | None,
+) -> TrainResult:
+    entered = time.monotonic()
     dataset = Dataset(cfg.dataset)
     trainer = build_trainer(cfg, dataset, device)
     rank, world_size = world()
@@ -260,6 +280,7 @@ def _train(cfg: Config, run_dir: Path, device: torch.device, resume: bool, progr
         metric=main_metric(cfg, trainer.specs),
         per_epoch=per_epoch,
         conflict_every=_conflict_every(trainer),
+        on_validation=on_validation,
         start_step=position.step,
         saved_step=position.step if resume else -1,
     )
@@ -271,7 +292,7 @@ def _train(cfg: Config, run_dir: Path, device: torch.device, resume: bool, progr
         run.bar.close()
         run.metrics.close()
     best = next((m for m in run.valid if m.get(run.metric) == position.best), {})
-    return TrainResult(run_dir, position.step, run.losses, run.valid, best, stopped)
+    return TrainResult(run_dir, position.step, run.losses, run.valid, best, stopped, run.started_at - entered)
 
 
 def _conflict_every(trainer: Trainer) -> int:
@@ -429,6 +450,8 @@ def _validate(run: _Run) -> bool:
             format_metric(value, 5),
             format_metric(position.best, 5),
         )
+    if run.on_validation is not None:
+        run.on_validation(position.step, metrics)
     return position.stale >= run.cfg.train.patience
 
 

@@ -72,15 +72,17 @@ def test_a_tasks_own_tables_learn_from_that_task_alone(text_dataset: Path, tiny_
     model = {"task_embedding_dim": 8, "gate_dropout": 0.0}
     trainer, dataset = _trainer(text_dataset, tiny_bert, model=model, train={"schedule": "alternating"})
     batch = _batch(dataset, 64)
-    names = ["user", "user@ctr", "user@rating"]
-    before = {name: read_table(trainer.model, name) for name in names}
-    assert before["user@ctr"].shape == (before["user"].shape[0], 8)
+    before = {name: read_table(trainer.model, name) for name in ("user", "user@tasks")}
+    assert before["user@tasks"].shape == (before["user"].shape[0], 8 * len(trainer.specs))  # T x D_own columns
     train_step(trainer, batch, step=1)  # step 1 trains ctr alone
-    changed = {name: (read_table(trainer.model, name) != before[name]).any(dim=1) for name in names}
+    after = {name: read_table(trainer.model, name) for name in before}
+    changed = {name: (after[name] != before[name]).any(dim=1) for name in before}
     users = sorted(set(batch.sparse["user_id"].values().tolist()))
     assert changed["user"].nonzero().flatten().tolist() == users
-    assert changed["user@ctr"].nonzero().flatten().tolist() == users
-    assert not changed["user@rating"].any()
+    columns = {spec.name: slice(8 * t, 8 * (t + 1)) for t, spec in enumerate(trainer.specs)}  # each task's slice
+    ctr_changed = (after["user@tasks"] != before["user@tasks"])[:, columns["ctr"]].any(dim=1)
+    assert ctr_changed.nonzero().flatten().tolist() == users
+    assert torch.equal(after["user@tasks"][:, columns["rating"]], before["user@tasks"][:, columns["rating"]])
 
 
 def _steps(trainer: Trainer, dataset: Dataset, num_steps: int) -> None:

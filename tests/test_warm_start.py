@@ -88,7 +88,7 @@ def test_grown_tables_keep_the_old_rows_and_start_new_ones_as_the_unknown_row(
         before, after = read_table(parent.model, name), read_table(child.model, name)
         assert torch.equal(after[:rows], before)  # bit for bit
         assert torch.equal(after[rows:], before[:1].expand(len(after) - rows, -1))
-        assert torch.equal(read_table(child.model, f"{name}@ctr")[:rows], read_table(parent.model, f"{name}@ctr"))
+        assert torch.equal(read_table(child.model, f"{name}@tasks")[:rows], read_table(parent.model, f"{name}@tasks"))
     momentum = {
         name: state
         for name, state in child.model.fused_optimizer.state_dict()["state"].items()

@@ -10,16 +10,16 @@ from recsys_mtl.data.schema import Schema
 TEXT_TABLE_PREFIX = "text_"
 
 
-def build_ebc(schema: Schema, device: torch.device, task: str = "", dim: int = 0) -> EmbeddingBagCollection:
-    """One table per schema table, shared by the features that name it; bags are mean-pooled. With `task`, that
-    task's own tables (`task_table_name`), `dim` wide.
+def build_ebc(schema: Schema, device: torch.device, own_width: int = 0) -> EmbeddingBagCollection:
+    """One table per schema table, shared by the features that name it; bags are mean-pooled. With `own_width`, the
+    tasks' own tables instead (`own_table_name`), `own_width` (T x D_own) wide.
 
-    forward: KJT with `Schema.sparse_features` keys -> KeyedTensor of [B, D_emb] per feature.
+    forward: KJT with `Schema.sparse_features` keys -> KeyedTensor of [B, D_emb] (or [B, T * D_own]) per feature.
     """
     tables = [
         EmbeddingBagConfig(
-            name=task_table_name(table.name, task) if task else table.name,
-            embedding_dim=dim if task else table.embedding_dim,
+            name=own_table_name(table.name) if own_width else table.name,
+            embedding_dim=own_width or table.embedding_dim,
             num_embeddings=table.num_embeddings,
             feature_names=[f.name for f in schema.sparse_features if f.table == table.name],
             pooling=PoolingType.MEAN,
@@ -29,9 +29,11 @@ def build_ebc(schema: Schema, device: torch.device, task: str = "", dim: int = 0
     return EmbeddingBagCollection(tables=tables, device=device)
 
 
-def task_table_name(table: str, task: str) -> str:
-    """The name of task `task`'s own copy of table `table` (`model.task_embedding_dim`)."""
-    return f"{table}@{task}"
+def own_table_name(table: str) -> str:
+    """The name of the tasks' own copy of table `table` (`model.task_embedding_dim`): task t's rows are its columns
+    [t * D_own, (t + 1) * D_own), tasks in config order. One wide row per id, one lookup for all tasks; each column
+    keeps its own Adagrad state (distributed.shard_model), so no task's gradients scale another's steps."""
+    return f"{table}@tasks"
 
 
 def build_text_ebc(schema: Schema, text_dims: dict[str, int], device: torch.device) -> EmbeddingBagCollection:

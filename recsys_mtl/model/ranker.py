@@ -32,6 +32,22 @@ class RankerOutput:
     gate_weights: Tensor
 
 
+@dataclass
+class RankerInputs:
+    """What the dense network reads, feature by feature, for B rows (`MultiTaskRanker.inputs` -> `head`).
+
+    pooled: F x [B, D_emb], each sparse feature's pooled embedding, in schema order.
+    own: T x F x [B, D_own], each task's own pooled embeddings (`model.task_embedding_dim`); empty without them.
+    texts: one [B, text_dim] projected vector per text feature.
+    dense: [B, D_dense] the standardised dense features (before the dense MLP).
+    """
+
+    pooled: list[Tensor]
+    own: list[list[Tensor]]
+    texts: list[Tensor]
+    dense: Tensor
+
+
 def _mlp(in_dim: int, dims: tuple[int, ...]) -> nn.Sequential:
     layers: list[nn.Module] = []
     for d_in, d_out in zip((in_dim, *dims), dims, strict=False):
@@ -45,7 +61,7 @@ class MultiTaskRanker(nn.Module):
     Sparse features go through `ebc` (trainable, fused optimizer); text features through frozen tables of precomputed
     BERT vectors (`text_ebc`, detached) or a fine-tuned BERT (`text_finetuner`), then a trainable projection each;
     dense features through a small MLP. Their concatenation [B, D_in] feeds the mixture; its T outputs feed the towers.
-    With `model.task_embedding_dim`, each task also has tables of its own (`task_ebcs`, STEM-style: a sparse task's
+    With `model.task_embedding_dim`, each task also has tables of its own (`task_ebc`, STEM-style: a sparse task's
     ids learn from its own gradients, not drowned by the dense tasks' ones), which only its tower reads.
     """
 
@@ -63,11 +79,9 @@ class MultiTaskRanker(nn.Module):
         self.num_sparse = len(self.sparse_names)
         self.ebc = build_ebc(schema, device or torch.device("meta"))
         own_dim = cfg.model.task_embedding_dim
-        self.task_ebcs = (
-            nn.ModuleDict({t: build_ebc(schema, device or torch.device("meta"), t, own_dim) for t in self.task_names})
-            if own_dim
-            else None
-        )
+        self.own_dim = own_dim
+        own_width = own_dim * len(self.task_names)
+        self.task_ebc = build_ebc(schema, device or torch.device("meta"), own_width) if own_dim else None
         self.text_names = [t.name for t in schema.texts] if cfg.model.text_dim > 0 else []
         self.text_ebc: EmbeddingBagCollection | None = None
         self.text_finetuner: TextFinetuner | None = None
@@ -95,11 +109,11 @@ class MultiTaskRanker(nn.Module):
         )
 
     def trained_tables(self) -> list[EmbeddingBagCollection]:
-        """The collections of trained tables: the shared ones, then each task's own."""
-        return [self.ebc, *cast(dict[str, EmbeddingBagCollection], self.task_ebcs or {}).values()]
+        """The collections of trained tables: the shared ones, then the tasks' own."""
+        return [self.ebc, *([] if self.task_ebc is None else [self.task_ebc])]
 
     def table_names(self) -> list[str]:
-        """The embedding tables: the sparse features' tables, the tasks' own tables (`task_table_name`), then the
+        """The embedding tables: the sparse features' tables, the tasks' own wide tables (`own_table_name`), then the
         text tables (`TEXT_TABLE_PREFIX` + text)."""
         collections = [*self.trained_tables(), *([] if self.text_ebc is None else [self.text_ebc])]
         return [c.name for ebc in collections for c in ebc.embedding_bag_configs()]
@@ -144,18 +158,27 @@ class MultiTaskRanker(nn.Module):
         return [pooled[name] for name in self.sparse_names]
 
     def forward(self, batch: Batch) -> RankerOutput:
+        return self.head(self.inputs(batch))
+
+    def inputs(self, batch: Batch) -> RankerInputs:
+        """The batch's per-feature inputs of the dense network (explain.py perturbs them between here and `head`)."""
         sparse_kjt = batch.sparse.split([self.num_sparse, len(batch.sparse.keys()) - self.num_sparse])[0]
-        parts = [*self.pooled(self.ebc, sparse_kjt), *self.text_features(batch)]
+        own = []
+        if self.task_ebc is not None:  # F x [B, T * D_own] -> T x F x [B, D_own]
+            wide = [p.split(self.own_dim, dim=1) for p in self.pooled(self.task_ebc, sparse_kjt)]
+            own = [list(parts) for parts in zip(*wide, strict=True)]
+        return RankerInputs(self.pooled(self.ebc, sparse_kjt), own, self.text_features(batch), batch.dense)
+
+    def head(self, inputs: RankerInputs) -> RankerOutput:
+        """The dense network: the features concatenated [B, D_in] -> mixture -> one tower per task."""
+        parts = [*inputs.pooled, *inputs.texts]
         if self.dense_mlp is not None:
-            parts.append(self.dense_mlp(batch.dense))  # [B, D_dense]
+            parts.append(self.dense_mlp(inputs.dense))  # [B, D_dense]
         features = torch.cat(parts, dim=1)  # [B, D_in]
         task_inputs, gate_weights = self.mixture(self.cross(self.input_norm(features)))  # [B, T, D_exp], [B, T, E]
         tower_inputs = list(task_inputs.unbind(1))  # T x [B, D_exp]
-        if self.task_ebcs is not None:  # each tower also reads its task's own embeddings: [B, D_exp + F * D_own]
-            tower_inputs = [
-                torch.cat([x, *self.pooled(ebc, sparse_kjt)], 1)
-                for x, ebc in zip(tower_inputs, self.task_ebcs.values(), strict=True)
-            ]
+        if inputs.own:  # each tower also reads its task's own embeddings: [B, D_exp + F * D_own]
+            tower_inputs = [torch.cat([x, *own], 1) for x, own in zip(tower_inputs, inputs.own, strict=True)]
         with torch.autocast(task_inputs.device.type, enabled=False):  # the small heads in fp32: bf16 cost rating RMSE
             logits = {t: self.towers[t](x.float()) for t, x in zip(self.task_names, tower_inputs, strict=True)}
         return RankerOutput(logits=logits, gate_weights=gate_weights)
