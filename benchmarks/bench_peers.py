@@ -2,15 +2,17 @@
 MMoE, PLE, ESMM and shared-bottom on the same prepared datasets, with the same shapes.
 
     python benchmarks/bench_peers.py [--datasets default,big,ali] [--models mmoe,ple,esmm,shared_bottom]
-        [--libraries deepctr,rechub] [--epochs 1] [--batch-size 2048] [--quick]
+        [--libraries deepctr,rechub] [--epochs 1] [--batch-size 2048] [--fp32] [--quick] [--out peers]
 
 Datasets: `default` = the demo world (demo_out/dataset, `make demo` builds it); `big` = a world with >= 1M embedding
 rows (demo_out/peers_big, synthesised and prepared here when missing); `ali` = the 200-row Ali-CCP sample (prepared
 into demo_out/peers_ali; a functional check, its AUCs are noise). Ours trains in this process (recsys_mtl.train, CPU;
 samples/s of the training loop from metrics.jsonl), each peer in the peers' venv (benchmarks/peers/setup.sh builds
 .peers-venv; run_peer.py times the library's own fit call). ESMM is compared with our shared_bottom whose cvr task is
-`after = "ctr"` (ESMM: pCTCVR = pCTR * pCVR on every row). `--quick` trains on about 50k rows only: a functional
-check, not numbers to quote. Writes benchmarks/results/peers.json and peers.md (with --quick: peers_quick.*).
+`after = "ctr"` (ESMM: pCTCVR = pCTR * pCVR on every row). Ours trains with the config's own settings (bf16 where the
+chip has it, as `train.bf16 = "auto"` decides); `--fp32` adds our run in fp32, the peers' dtype, with its ratios.
+`--quick` trains on about 50k rows only: a functional check, not numbers to quote. Writes
+benchmarks/results/<out>.json and .md (with --quick: <out>_quick.*).
 """
 
 import argparse
@@ -152,6 +154,14 @@ def our_config(base: Config, dataset: Path, arch: str, args: argparse.Namespace,
     return dataclasses.replace(base, dataset=str(dataset), tasks=tasks, model=model, train=train_cfg, run_dir="")
 
 
+def our_variants(base: Config, dataset: Path, arch: str, args: argparse.Namespace, max_steps: int) -> dict:
+    """Our runs of `arch`: "default" (the config's own settings: bf16 where the chip has it), and with --fp32 "fp32"
+    (train.bf16 = false, as the peers train)."""
+    cfg = our_config(base, dataset, arch, args, max_steps)
+    fp32 = {"fp32": dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, bf16=False))} if args.fp32 else {}
+    return {"default": cfg, **fp32}
+
+
 def count_params(cfg: Config) -> int:
     """Parameters of our model for `cfg` (embedding tables included), built on the meta device."""
     model = MultiTaskRanker(cfg, Dataset(cfg.dataset).schema, {})
@@ -221,17 +231,15 @@ def run_peer(library: str, model: str, dataset: Path, args: argparse.Namespace, 
 # ---------------------------------------------------------------- the table
 
 
-def table_row(dataset: str, system: str, model: str, record: dict, ours: dict) -> dict:
-    """One line of the table; `ours / peer` is our samples/s over this system's ('-' on our own line)."""
-    ratio = "-" if record is ours else ours["samples_per_s"] / record["samples_per_s"]
-    return {
-        "dataset": dataset,
-        "system": system,
-        "model": model,
-        "samples/s": record["samples_per_s"],
-        "ours / peer": ratio,
-        **{k: record[k] for k in METRICS},
-    }
+def table_row(dataset: str, system: str, model: str, record: dict, ours: dict, ours_fp32: dict | None) -> dict:
+    """One line of the table; `ours / peer` is our samples/s over this system's ('-' on our own lines), and with
+    `ours_fp32`, `ours fp32 / peer` the same for our run in fp32."""
+    ratio = "-" if record["library"] == "recsys_mtl" else ours["samples_per_s"] / record["samples_per_s"]
+    row = {"dataset": dataset, "system": system, "model": model, "samples/s": record["samples_per_s"]}
+    row["ours / peer"] = ratio
+    if ours_fp32 is not None:
+        row["ours fp32 / peer"] = "-" if ratio == "-" else ours_fp32["samples_per_s"] / record["samples_per_s"]
+    return {**row, **{k: record[k] for k in METRICS}}
 
 
 def bench_dataset(name: str, dataset: Path, args: argparse.Namespace, base: Config, tmp: Path) -> tuple[list, list]:
@@ -240,19 +248,23 @@ def bench_dataset(name: str, dataset: Path, args: argparse.Namespace, base: Conf
     rows, records, ours_by_arch = [], [], {}
     for model in args.models:
         arch = OUR_ARCH[model]
-        if arch not in ours_by_arch:
-            print(f"[{name}] recsys_mtl {arch} ...", flush=True)
-            ours_by_arch[arch] = run_ours(our_config(base, dataset, arch, args, steps), tmp / f"{name}_{arch}")
-            records.append({"dataset": name, **ours_by_arch[arch]})
-        ours = ours_by_arch[arch]
         label = f"{arch} (cvr after ctr)" if model != "esmm" else "shared_bottom + ESMM cvr"
-        rows.append(table_row(name, "recsys_mtl", label, ours, ours))
+        if arch not in ours_by_arch:
+            for variant, cfg in our_variants(base, dataset, arch, args, steps).items():
+                print(f"[{name}] recsys_mtl {arch} {variant} ...", flush=True)
+                record = run_ours(cfg, tmp / f"{name}_{arch}_{variant}")
+                ours_by_arch.setdefault(arch, {})[variant] = record
+                records.append({"dataset": name, "variant": variant, **record})
+        ours, ours_fp32 = ours_by_arch[arch]["default"], ours_by_arch[arch].get("fp32")
+        rows.append(table_row(name, "recsys_mtl", label, ours, ours, ours_fp32))
+        if ours_fp32 is not None:
+            rows.append(table_row(name, "recsys_mtl", f"{label}, fp32", ours_fp32, ours, ours_fp32))
         for library in args.libraries:
             print(f"[{name}] {library} {model} ...", flush=True)
             out = tmp / f"{name}_{library}_{model}.json"
             peer = run_peer(library, model, dataset, args, steps * args.batch_size, out)
             records.append({"dataset": name, **peer})
-            rows.append(table_row(name, library, model, peer, ours))
+            rows.append(table_row(name, library, model, peer, ours, ours_fp32))
             print(f"  {rows[-1]}", flush=True)
     return rows, records
 
@@ -292,6 +304,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--libraries", default="deepctr,rechub")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=2048)
+    parser.add_argument("--out", default="peers", help="results name under benchmarks/results/")
+    parser.add_argument("--fp32", action="store_true", help="also train ours in fp32 (train.bf16 = false)")
     parser.add_argument("--quick", action="store_true", help="train on about --quick-rows rows only")
     parser.add_argument("--quick-rows", type=int, default=50_000)
     parser.add_argument("--ali-raw", type=Path, default=ALI_RAW, help="the Ali-CCP sample folder")
@@ -322,7 +336,7 @@ def main() -> None:
     print("\n" + "\n".join(lines))
     print_table(rows, title)
     command = "python benchmarks/bench_peers.py " + " ".join(sys.argv[1:])
-    name = "peers_quick" if args.quick else "peers"  # a functional check never overwrites the real results
+    name = f"{args.out}_quick" if args.quick else args.out  # a functional check never overwrites the real results
     write_results(name, rows, command=command, caveats=lines, details=records)
     write_markdown(RESULTS / f"{name}.md", rows, records, title, [f"`{command}`", machine_line(machine()), *lines])
 
