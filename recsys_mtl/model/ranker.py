@@ -108,14 +108,10 @@ class MultiTaskRanker(nn.Module):
             {t: TaskTower(tower_dim, cfg.model.tower_dims, cfg.model.dropout) for t in self.task_names}
         )
 
-    def trained_tables(self) -> list[EmbeddingBagCollection]:
-        """The collections of trained tables: the shared ones, then the tasks' own."""
-        return [self.ebc, *([] if self.task_ebc is None else [self.task_ebc])]
-
     def table_names(self) -> list[str]:
         """The embedding tables: the sparse features' tables, the tasks' own wide tables (`own_table_name`), then the
         text tables (`TEXT_TABLE_PREFIX` + text)."""
-        collections = [*self.trained_tables(), *([] if self.text_ebc is None else [self.text_ebc])]
+        collections = [ebc for ebc in (self.ebc, self.task_ebc, self.text_ebc) if ebc is not None]
         return [c.name for ebc in collections for c in ebc.embedding_bag_configs()]
 
     def freeze(self, parts: tuple[Freezable, ...]) -> None:
