@@ -35,35 +35,35 @@ CHUNK_ROWS = 8192  # rows per forward pass (and per integrated-gradients chunk o
 
 
 class FeatureGroups:
-    """The model's inputs as G named groups: the sparse features (schema order), the text features, the dense ones.
+    """The model's inputs as G named groups: the sparse features (`MultiTaskRanker.sparse_names` order), the text
+    features, the dense ones.
 
     split: RankerInputs -> G x [B, W_g]; join: the inverse. A sparse group is [B, D_emb + T * D_own]: its shared pooled
-    embedding, then each task's own (`model.task_embedding_dim`); a text group [B, text_dim]; a dense group [B, 1].
+    embedding, then its tasks' own (`model.task_embedding_dim`); a text group [B, text_dim]; a dense group [B, 1].
     """
 
     def __init__(self, model: MultiTaskRanker, schema: Schema) -> None:
-        self.sparse_dims = [schema.feature_table(f).embedding_dim for f in schema.sparse_features]
-        self.own_dims = [model.own_dim] * (len(model.task_names) if model.task_ebc is not None else 0)
+        features = {f.name: f for f in schema.sparse_features}
+        self.sparse_dims = [schema.feature_table(features[name]).embedding_dim for name in model.sparse_names]
+        self.has_own = model.task_ebc is not None
         self.num_texts = len(model.text_names)
         self.names = [*model.sparse_names, *model.text_names, *(f.name for f in schema.dense_features)]
 
     def split(self, inputs: RankerInputs) -> tuple[Tensor, ...]:
-        sparse = [torch.cat([p, *(own[f] for own in inputs.own)], 1) for f, p in enumerate(inputs.pooled)]
+        sparse = inputs.pooled.split(self.sparse_dims, 1)  # F x [B, D_emb]
+        if inputs.own is not None:
+            sparse = tuple(torch.cat([p, own], 1) for p, own in zip(sparse, inputs.own.unbind(1), strict=True))
         return (*sparse, *inputs.texts, *inputs.dense.split(1, dim=1))  # G x [B, W_g]
 
     def join(self, groups: Sequence[Tensor]) -> RankerInputs:
         num_sparse = len(self.sparse_dims)
-        pooled: list[Tensor] = []
-        own: list[list[Tensor]] = [[] for _ in self.own_dims]
-        for group, dim in zip(groups[:num_sparse], self.sparse_dims, strict=True):
-            shared, *own_parts = group.split([dim, *self.own_dims], 1)  # [B, D_emb], T x [B, D_own]
-            pooled.append(shared)
-            for task_own, part in zip(own, own_parts, strict=True):
-                task_own.append(part)
+        sparse = groups[:num_sparse]
+        pooled = torch.cat([g[:, :dim] for g, dim in zip(sparse, self.sparse_dims, strict=True)], 1)
+        own = torch.stack([g[:, dim:] for g, dim in zip(sparse, self.sparse_dims, strict=True)], 1)
         texts = list(groups[num_sparse : num_sparse + self.num_texts])
         dense_parts = groups[num_sparse + self.num_texts :]
         dense = torch.cat(list(dense_parts), 1) if dense_parts else groups[0].new_zeros(len(groups[0]), 0)
-        return RankerInputs(pooled, own, texts, dense)  # dense [B, D_dense]
+        return RankerInputs(pooled, own if self.has_own else None, texts, dense)  # dense [B, D_dense]
 
 
 @dataclass(frozen=True)

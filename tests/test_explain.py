@@ -126,7 +126,7 @@ def test_permutation_importance_equals_a_shuffle_by_hand(fresh: TrainedRun) -> N
     with torch.no_grad():
         inputs = fresh.model.inputs(batch)
         base = fresh.model.head(inputs)
-        price = list(explanation.features).index("price") - len(inputs.pooled) - len(inputs.texts)
+        price = list(explanation.features).index("price") - len(fresh.model.sparse_names) - len(inputs.texts)
         dense = inputs.dense[order]
         dense[:, price] = dense[shuffle, price]
         shuffled = fresh.model.head(dataclasses.replace(inputs, dense=dense[torch.argsort(order)]))

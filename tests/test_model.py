@@ -11,7 +11,7 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from recsys_mtl.data.loader import Dataset, ReadOrder, read_batches
 from recsys_mtl.errors import InputError
 from recsys_mtl.metrics import auc
-from recsys_mtl.model.embeddings import TEXT_TABLE_PREFIX, read_table
+from recsys_mtl.model.embeddings import TEXT_TABLE_PREFIX, own_table_name, read_table
 from recsys_mtl.model.experts import raw_gradients
 from recsys_mtl.model.ranker import autocast
 from recsys_mtl.step import CONFLICT_PREFIX, Trainer, build_trainer, gradient_cosines, predict_batch, train_step
@@ -40,6 +40,28 @@ def test_ranker_outputs_a_logit_per_task_and_gates_that_sum_to_one(text_dataset:
     torch.testing.assert_close(predictions["cvr_joint"], predictions["ctr"] * predictions["cvr"])
     assert ((predictions["rating"] >= 1) & (predictions["rating"] <= 5)).all()
     assert (predictions["reads"] > 0).all()
+
+
+def test_pooled_inputs_are_each_features_mean_of_its_table_rows(text_dataset: Path, tiny_bert: Path) -> None:
+    trainer, dataset = _trainer(text_dataset, tiny_bert)
+    model, batch = trainer.sharded.module, _batch(dataset, 64)
+    with torch.no_grad():
+        inputs = model.inputs(batch)
+    features = {f.name: f for f in dataset.schema.sparse_features}
+    expected, own_expected = [], []
+    for name in model.sparse_names:
+        table = features[name].table
+        rows = [batch.sparse[name].values()[o:e] for o, e in itertools.pairwise(batch.sparse[name].offsets().tolist())]
+        assert features[name].kind == "id" or any(len(r) > 1 for r in rows) and any(len(r) == 0 for r in rows)
+        for weights, out in (
+            (read_table(model, table), expected),
+            (read_table(model, own_table_name(table)), own_expected),
+        ):
+            out.append(
+                torch.stack([weights[r].mean(0) if len(r) else weights.new_zeros(weights.shape[1]) for r in rows])
+            )
+    torch.testing.assert_close(inputs.pooled, torch.cat(expected, 1))
+    torch.testing.assert_close(inputs.own, torch.stack(own_expected, 1))
 
 
 def test_gradients_reach_every_trainable_parameter_and_no_frozen_one(text_dataset: Path, tiny_bert: Path) -> None:

@@ -11,8 +11,11 @@ TEXT_TABLE_PREFIX = "text_"
 
 
 def build_ebc(schema: Schema, device: torch.device, own_width: int = 0) -> EmbeddingBagCollection:
-    """One table per schema table, shared by the features that name it; bags are mean-pooled. With `own_width`, the
-    tasks' own tables instead (`own_table_name`), `own_width` (T x D_own) wide.
+    """One table per schema table, shared by the features that name it. With `own_width`, the tasks' own tables
+    instead (`own_table_name`), `own_width` (T x D_own) wide.
+
+    Bags are summed: fbgemm's CPU kernel pools a sum 10x faster than a mean (0.5 vs 5.7 ms for the default world's
+    batch of 2048), and an id feature's bag holds one id; `mean_pooled` divides the multi-hot bags by their lengths.
 
     forward: KJT with `Schema.sparse_features` keys -> KeyedTensor of [B, D_emb] (or [B, T * D_own]) per feature.
     """
@@ -22,7 +25,7 @@ def build_ebc(schema: Schema, device: torch.device, own_width: int = 0) -> Embed
             embedding_dim=own_width or table.embedding_dim,
             num_embeddings=table.num_embeddings,
             feature_names=[f.name for f in schema.sparse_features if f.table == table.name],
-            pooling=PoolingType.MEAN,
+            pooling=PoolingType.SUM,
         )
         for table in schema.tables
     ]

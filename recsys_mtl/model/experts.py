@@ -39,12 +39,13 @@ class ExpertStack(nn.Module):
         hidden = x
         for weight, bias in zip(self.weights, self.biases, strict=True):
             num_experts, d_in, d_out = weight.shape
+            # relu in place on the matmul's own output (not a view of it: autograd would copy the whole base back)
             if hidden.dim() == 2:  # one input: all experts in one plain matmul, [D_in, E * D_h] (no batched copies)
                 flat = torch.addmm(bias.reshape(-1), hidden, weight.transpose(0, 1).reshape(d_in, -1))  # [B, E * D_h]
-                hidden = flat.view(-1, num_experts, d_out)  # [B, E, D_h]
+                hidden = flat.relu_().view(-1, num_experts, d_out)  # [B, E, D_h]
             else:
-                hidden = torch.einsum("bei,eio->beo", hidden, weight).add_(bias)  # [B, E, D_h]
-            hidden = self.dropout(hidden.relu_())  # in place: the matmul's output is not kept for backward
+                hidden = torch.baddbmm(bias.unsqueeze(1), hidden.transpose(0, 1), weight).relu_().transpose(0, 1)
+            hidden = self.dropout(hidden)  # [B, E, D_h]
         return hidden
 
 
@@ -166,15 +167,15 @@ class MixtureLevel(nn.Module):
         """Mix the experts.
 
         Args:
-            inputs: [B, 1, D_in] (every expert and gate reads the same input) or [B, T + 1, D_in] (row t feeds
+            inputs: [B, D_in] (every expert and gate reads the same input) or [B, T + 1, D_in] (row t feeds
                 task t's experts and gate, the last row the shared experts and the shared gate).
 
         Returns:
             ([B, G, D_exp] one mixture per gate, [B, G, E] gate weights, zero outside each gate's experts).
         """
-        if inputs.shape[1] == 1:
-            expert_out = self.experts(inputs[:, 0])  # [B, E, D_exp]
-            logits = (inputs[:, 0] @ self.gates.flatten(1)).view(-1, *self.gates.shape[1:])  # [B, G, E]
+        if inputs.dim() == 2:
+            expert_out = self.experts(inputs)  # [B, E, D_exp]
+            logits = (inputs @ self.gates.flatten(1)).view(-1, *self.gates.shape[1:])  # [B, G, E]
         else:
             expert_out = self.experts(inputs[:, self.owner])  # [B, E, D_exp]
             logits = torch.einsum("bgi,ige->bge", inputs[:, : self.num_gates], self.gates)  # [B, G, E]
@@ -213,7 +214,7 @@ class Mixture(nn.Module):
         self.out_dim = cfg.expert_dims[-1]
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        hidden = x.unsqueeze(1)  # [B, 1, D_in]
+        hidden = x  # [B, D_in], then [B, G, D_exp]
         for level in self.levels:
             hidden, gate_weights = level(hidden)  # [B, G, D_exp], [B, G, E]
         return hidden[:, : self.num_tasks], gate_weights[:, : self.num_tasks]

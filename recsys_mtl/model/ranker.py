@@ -6,7 +6,7 @@ from typing import cast
 import torch
 from torch import Tensor, nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recsys_mtl.config import Config, Freezable
 from recsys_mtl.data.batch import Batch
@@ -36,14 +36,15 @@ class RankerOutput:
 class RankerInputs:
     """What the dense network reads, feature by feature, for B rows (`MultiTaskRanker.inputs` -> `head`).
 
-    pooled: F x [B, D_emb], each sparse feature's pooled embedding, in schema order.
-    own: T x F x [B, D_own], each task's own pooled embeddings (`model.task_embedding_dim`); empty without them.
+    pooled: [B, sum of D_emb], the sparse features' pooled embeddings side by side, in `sparse_names` order.
+    own: [B, F, T * D_own], each feature's pooled row of its tasks' own table (`model.task_embedding_dim`), task t's
+        in columns [t * D_own, (t + 1) * D_own); None without them.
     texts: one [B, text_dim] projected vector per text feature.
     dense: [B, D_dense] the standardised dense features (before the dense MLP).
     """
 
-    pooled: list[Tensor]
-    own: list[list[Tensor]]
+    pooled: Tensor
+    own: Tensor | None
     texts: list[Tensor]
     dense: Tensor
 
@@ -75,9 +76,11 @@ class MultiTaskRanker(nn.Module):
     ) -> None:
         super().__init__()
         self.task_names = cfg.task_names
-        self.sparse_names = [f.name for f in schema.sparse_features]
-        self.num_sparse = len(self.sparse_names)
+        self.num_sparse = len(schema.sparse_features)
         self.ebc = build_ebc(schema, device or torch.device("meta"))
+        # the sparse features grouped by table, as the collection lays out its output on one process (no reordering)
+        self.sparse_names = [f for c in self.ebc.embedding_bag_configs() for f in c.feature_names]
+        self.multi_hot = [f.name for f in schema.sparse_features if f.kind == "multi_hot"]
         own_dim = cfg.model.task_embedding_dim
         self.own_dim = own_dim
         own_width = own_dim * len(self.task_names)
@@ -147,11 +150,26 @@ class MultiTaskRanker(nn.Module):
             vectors = {name: v.detach() for name, v in vectors.items()}
         return [self.text_projections[name](vectors[name]) for name in self.text_names]
 
-    def pooled(self, ebc: nn.Module, sparse_kjt: KeyedJaggedTensor) -> list[Tensor]:
-        """`ebc`'s pooled embeddings, one [B, D_emb] per sparse feature in schema order (a sharded collection orders
-        its output by shard)."""
-        pooled = ebc(sparse_kjt).to_dict()
-        return [pooled[name] for name in self.sparse_names]
+    def pooled(self, ebc: nn.Module, sparse_kjt: KeyedJaggedTensor) -> Tensor:
+        """`ebc`'s mean-pooled embeddings side by side, [B, sum of widths], features in `sparse_names` order (which a
+        sharded collection on several processes reorders by shard).
+
+        The tables sum their bags (`build_ebc`); a multi-hot feature's bags are divided by their lengths here, an
+        empty bag stays 0."""
+        pooled = ebc(sparse_kjt)
+        keys, widths = pooled.keys(), pooled.length_per_key()
+        values = pooled.values() if keys == self.sparse_names else KeyedTensor.regroup([pooled], [self.sparse_names])[0]
+        if not self.multi_hot:
+            return values
+        width = dict(zip(keys, widths, strict=True))
+        lengths = sparse_kjt.lengths().view(len(sparse_kjt.keys()), -1)  # [F, B], feature-major
+        scale, start = torch.ones_like(values), 0
+        for name in self.sparse_names:
+            if name in self.multi_hot:
+                count = lengths[sparse_kjt.keys().index(name)].clamp(min=1).unsqueeze(1)  # [B, 1]
+                scale[:, start : start + width[name]] = 1.0 / count
+            start += width[name]
+        return values * scale
 
     def forward(self, batch: Batch) -> RankerOutput:
         return self.head(self.inputs(batch))
@@ -159,24 +177,28 @@ class MultiTaskRanker(nn.Module):
     def inputs(self, batch: Batch) -> RankerInputs:
         """The batch's per-feature inputs of the dense network (explain.py perturbs them between here and `head`)."""
         sparse_kjt = batch.sparse.split([self.num_sparse, len(batch.sparse.keys()) - self.num_sparse])[0]
-        own = []
-        if self.task_ebc is not None:  # F x [B, T * D_own] -> T x F x [B, D_own]
-            wide = [p.split(self.own_dim, dim=1) for p in self.pooled(self.task_ebc, sparse_kjt)]
-            own = [list(parts) for parts in zip(*wide, strict=True)]
+        own = None
+        if self.task_ebc is not None:
+            own = self.pooled(self.task_ebc, sparse_kjt)
+            own = own.view(len(batch), self.num_sparse, self.own_dim * len(self.task_names))  # [B, F, T * D_own]
         return RankerInputs(self.pooled(self.ebc, sparse_kjt), own, self.text_features(batch), batch.dense)
 
     def head(self, inputs: RankerInputs) -> RankerOutput:
         """The dense network: the features concatenated [B, D_in] -> mixture -> one tower per task."""
-        parts = [*inputs.pooled, *inputs.texts]
+        parts = [inputs.pooled, *inputs.texts]
         if self.dense_mlp is not None:
             parts.append(self.dense_mlp(inputs.dense))  # [B, D_dense]
         features = torch.cat(parts, dim=1)  # [B, D_in]
         task_inputs, gate_weights = self.mixture(self.cross(self.input_norm(features)))  # [B, T, D_exp], [B, T, E]
-        tower_inputs = list(task_inputs.unbind(1))  # T x [B, D_exp]
-        if inputs.own:  # each tower also reads its task's own embeddings: [B, D_exp + F * D_own]
-            tower_inputs = [torch.cat([x, *own], 1) for x, own in zip(tower_inputs, inputs.own, strict=True)]
+        tower_inputs = task_inputs.transpose(0, 1).float()  # [T, B, D_exp]
+        if inputs.own is not None:  # each tower also reads its task's own embeddings: [T, B, D_exp + F * D_own]
+            rows, num_tasks = len(inputs.own), len(self.task_names)
+            own = inputs.own.view(rows, self.num_sparse, num_tasks, self.own_dim).permute(
+                2, 0, 1, 3
+            )  # [T, B, F, D_own]
+            tower_inputs = torch.cat([tower_inputs, own.flatten(2).float()], 2)
         with torch.autocast(task_inputs.device.type, enabled=False):  # the small heads in fp32: bf16 cost rating RMSE
-            logits = {t: self.towers[t](x.float()) for t, x in zip(self.task_names, tower_inputs, strict=True)}
+            logits = {t: self.towers[t](x) for t, x in zip(self.task_names, tower_inputs, strict=True)}
         return RankerOutput(logits=logits, gate_weights=gate_weights)
 
     def tower_weights(self) -> list[Tensor]:
