@@ -52,7 +52,7 @@ def test_pooled_inputs_are_each_features_mean_of_its_table_rows(text_dataset: Pa
     for name in model.sparse_names:
         table = features[name].table
         rows = [batch.sparse[name].values()[o:e] for o, e in itertools.pairwise(batch.sparse[name].offsets().tolist())]
-        assert features[name].kind == "id" or any(len(r) > 1 for r in rows) and any(len(r) == 0 for r in rows)
+        assert features[name].kind == "id" or (any(len(r) > 1 for r in rows) and any(len(r) == 0 for r in rows))
         for weights, out in (
             (read_table(model, table), expected),
             (read_table(model, own_table_name(table)), own_expected),

@@ -21,7 +21,6 @@ from recsys_mtl.data.batch import Batch
 from recsys_mtl.data.schema import KEY_PREFIX, SPLITS, Schema, check_dataset
 from recsys_mtl.errors import reading
 
-
 # pyarrow's default pool (mimalloc) decodes a row group 6x slower once torch has run a training step in the process
 # (120 vs 18 ms for the default world's 65k rows): the system allocator keeps it fast
 pa.set_memory_pool(pa.system_memory_pool())
