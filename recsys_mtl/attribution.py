@@ -45,7 +45,7 @@ class FeatureGroups:
     def __init__(self, model: MultiTaskRanker, schema: Schema) -> None:
         features = {f.name: f for f in schema.sparse_features}
         self.sparse_dims = [schema.feature_table(features[name]).embedding_dim for name in model.sparse_names]
-        self.has_own = model.task_ebc is not None
+        self.has_own = model.own_width > 0
         self.num_texts = len(model.text_names)
         self.names = [*model.sparse_names, *model.text_names, *(f.name for f in schema.dense_features)]
 

@@ -160,9 +160,10 @@ class _TensorPlanner(DefaultLoadPlanner):
 
 def fingerprint(cfg: Config, schema: Schema) -> dict[str, Any]:
     """What a checkpoint's tensors depend on: tasks, model shape, text model and the dataset's tables; `inputs` names
-    the order of the dense network's input columns (checkpoints without it read the features in schema order)."""
+    the layout of the tables and of the dense network's input columns (checkpoints without it, from before the tasks'
+    own columns moved into the shared tables, had other tables and read the features in schema order)."""
     return {
-        "inputs": "features by table",
+        "inputs": "tables widest first, rows [shared | tasks' own]",
         "tasks": [t.name for t in cfg.tasks],
         "model": to_mapping(cfg.model),
         "text": {

@@ -141,13 +141,10 @@ def shard_model(model: MultiTaskRanker, cfg: Config, device: torch.device) -> Sh
             f"uvm_caching = {list(cfg.uvm_caching)} needs --device cuda (it caches host-memory rows on a GPU)"
         )
     pg = init_process_group(device)
-    # shared tables: row-wise Adagrad (one accumulator per row); the tasks' own wide rows: Adagrad per column, so each
-    # task's slice keeps its own state (embeddings.own_table_name)
-    apply_optimizer_in_backward(RowWiseAdagrad, list(model.ebc.parameters()), {"lr": cfg.optim.embedding_lr})
-    if model.task_ebc is not None:
-        apply_optimizer_in_backward(
-            torch.optim.Adagrad, list(model.task_ebc.parameters()), {"lr": cfg.optim.embedding_lr}
-        )
+    # row-wise Adagrad (one accumulator per row); with the tasks' own columns in the rows, Adagrad per element, so
+    # each task's columns keep their own state (embeddings.build_ebc)
+    optimizer = torch.optim.Adagrad if model.own_width else RowWiseAdagrad
+    apply_optimizer_in_backward(optimizer, list(model.ebc.parameters()), {"lr": cfg.optim.embedding_lr})
     model.freeze(cfg.train.freeze)
     topology = TopologyFactory.create_topology(
         trainer_config=TrainerConfig(world_size=dist.get_world_size(pg)),

@@ -15,7 +15,7 @@ from recsys_mtl import distributed
 from recsys_mtl.config import load_config
 from recsys_mtl.data.schema import Schema
 from recsys_mtl.evaluate import evaluate_run
-from recsys_mtl.model.embeddings import TEXT_TABLE_PREFIX, own_table_name
+from recsys_mtl.model.embeddings import TEXT_TABLE_PREFIX
 from recsys_mtl.run import build_ranker
 from recsys_mtl.score import score
 from recsys_mtl.train import train
@@ -58,8 +58,8 @@ def test_every_table_is_planned_and_frozen_parts_stop_training(text_dataset: Pat
     schema = Schema.load(text_dataset)
     model, _ = build_ranker(cfg, text_dataset, schema)
     names = model.table_names()
-    own = [own_table_name(t.name) for t in schema.tables]
-    assert names == [t.name for t in schema.tables] + own + [TEXT_TABLE_PREFIX + t.name for t in schema.texts]
+    widest_first = sorted(schema.tables, key=lambda t: -t.embedding_dim)
+    assert names == [t.name for t in widest_first] + [TEXT_TABLE_PREFIX + t.name for t in schema.texts]
     assert list(distributed._constraints(model, cfg)) == names
     assert [n for n, _ in model.named_parameters() if model.is_frozen_table(n)] == [
         f"text_ebc.embedding_bags.{TEXT_TABLE_PREFIX}{t.name}.weight" for t in schema.texts

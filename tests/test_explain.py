@@ -61,7 +61,8 @@ def test_the_head_of_the_split_and_joined_feature_groups_is_the_forward(fresh: T
     # 16 id features (each with its 4 tasks' own 8-wide embeddings), 2 texts, 3 dense values
     assert len(attributor.groups.names) == len(groups) == 16 + 2 + 3
     assert attributor.groups.names[-5:] == ["item_title", "ad_text", "price", "length", "bid"]
-    assert [g.shape[1] for g in groups][:2] == [32 + 4 * 8, 16 + 4 * 8]  # user_id, age_band
+    assert attributor.groups.names[:3] == ["user_id", "item_id", "age_band"]  # the widest tables first
+    assert [g.shape[1] for g in groups][:3] == [32 + 4 * 8, 32 + 4 * 8, 16 + 4 * 8]
     assert [g.shape[1] for g in groups][-5:] == [8, 8, 1, 1, 1]
     for task in whole.logits:
         torch.testing.assert_close(parted.logits[task], whole.logits[task], rtol=0, atol=0)

@@ -11,7 +11,7 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from recsys_mtl.data.loader import Dataset, ReadOrder, read_batches
 from recsys_mtl.errors import InputError
 from recsys_mtl.metrics import auc
-from recsys_mtl.model.embeddings import TEXT_TABLE_PREFIX, own_table_name, read_table
+from recsys_mtl.model.embeddings import TEXT_TABLE_PREFIX, read_table
 from recsys_mtl.model.experts import raw_gradients
 from recsys_mtl.model.ranker import autocast
 from recsys_mtl.step import CONFLICT_PREFIX, Trainer, build_trainer, gradient_cosines, predict_batch, train_step
@@ -48,18 +48,18 @@ def test_pooled_inputs_are_each_features_mean_of_its_table_rows(text_dataset: Pa
     with torch.no_grad():
         inputs = model.inputs(batch)
     features = {f.name: f for f in dataset.schema.sparse_features}
-    expected, own_expected = [], []
+    expected = []
     for name in model.sparse_names:
-        table = features[name].table
+        weights = read_table(model, features[name].table)  # [rows, D_emb + T * D_own]
         rows = [batch.sparse[name].values()[o:e] for o, e in itertools.pairwise(batch.sparse[name].offsets().tolist())]
         assert features[name].kind == "id" or (any(len(r) > 1 for r in rows) and any(len(r) == 0 for r in rows))
-        for weights, out in (
-            (read_table(model, table), expected),
-            (read_table(model, own_table_name(table)), own_expected),
-        ):
-            out.append(
-                torch.stack([weights[r].mean(0) if len(r) else weights.new_zeros(weights.shape[1]) for r in rows])
-            )
+        expected.append(
+            torch.stack([weights[r].mean(0) if len(r) else weights.new_zeros(weights.shape[1]) for r in rows])
+        )
+    own_width = model.own_width
+    assert own_width == 8 * len(trainer.specs)
+    own_expected = [e[:, -own_width:] for e in expected]
+    expected = [e[:, :-own_width] for e in expected]
     torch.testing.assert_close(inputs.pooled, torch.cat(expected, 1))
     torch.testing.assert_close(inputs.own, torch.stack(own_expected, 1))
 
@@ -94,17 +94,16 @@ def test_a_tasks_own_tables_learn_from_that_task_alone(text_dataset: Path, tiny_
     model = {"task_embedding_dim": 8, "gate_dropout": 0.0}
     trainer, dataset = _trainer(text_dataset, tiny_bert, model=model, train={"schedule": "alternating"})
     batch = _batch(dataset, 64)
-    before = {name: read_table(trainer.model, name) for name in ("user", "user@tasks")}
-    assert before["user@tasks"].shape == (before["user"].shape[0], 8 * len(trainer.specs))  # T x D_own columns
+    before = read_table(trainer.model, "user")
+    dim = Dataset(text_dataset).schema.table("user").embedding_dim
+    assert before.shape[1] == dim + 8 * len(trainer.specs)  # each row: [shared | T x D_own]
     train_step(trainer, batch, step=1)  # step 1 trains ctr alone
-    after = {name: read_table(trainer.model, name) for name in before}
-    changed = {name: (after[name] != before[name]).any(dim=1) for name in before}
+    after = read_table(trainer.model, "user")
     users = sorted(set(batch.sparse["user_id"].values().tolist()))
-    assert changed["user"].nonzero().flatten().tolist() == users
-    columns = {spec.name: slice(8 * t, 8 * (t + 1)) for t, spec in enumerate(trainer.specs)}  # each task's slice
-    ctr_changed = (after["user@tasks"] != before["user@tasks"])[:, columns["ctr"]].any(dim=1)
-    assert ctr_changed.nonzero().flatten().tolist() == users
-    assert torch.equal(after["user@tasks"][:, columns["rating"]], before["user@tasks"][:, columns["rating"]])
+    assert (after[:, :dim] != before[:, :dim]).any(dim=1).nonzero().flatten().tolist() == users
+    columns = {spec.name: slice(dim + 8 * t, dim + 8 * (t + 1)) for t, spec in enumerate(trainer.specs)}
+    assert (after[:, columns["ctr"]] != before[:, columns["ctr"]]).any(dim=1).nonzero().flatten().tolist() == users
+    assert torch.equal(after[:, columns["rating"]], before[:, columns["rating"]])
 
 
 def _steps(trainer: Trainer, dataset: Dataset, num_steps: int) -> None:

@@ -11,32 +11,31 @@ TEXT_TABLE_PREFIX = "text_"
 
 
 def build_ebc(schema: Schema, device: torch.device, own_width: int = 0) -> EmbeddingBagCollection:
-    """One table per schema table, shared by the features that name it. With `own_width`, the tasks' own tables
-    instead (`own_table_name`), `own_width` (T x D_own) wide.
+    """One table per schema table, shared by the features that name it, widest tables first (so that the features of
+    one width sit side by side in the output: `MultiTaskRanker.inputs`).
+
+    With `own_width` (T x D_own, `model.task_embedding_dim`), every row also holds the tasks' own embeddings of its id:
+    [shared D_emb | task 0's D_own | task 1's D_own | ...], tasks in config order. One lookup serves the mixture and
+    every tower; the tables then take Adagrad per element (distributed.shard_model), so that each task's columns keep
+    their own optimizer state and no task's gradients scale another's steps.
 
     Bags are summed: fbgemm's CPU kernel pools a sum 10x faster than a mean (0.5 vs 5.7 ms for the default world's
-    batch of 2048), and an id feature's bag holds one id; `mean_pooled` divides the multi-hot bags by their lengths.
+    batch of 2048), and an id feature's bag holds one id; `MultiTaskRanker.pooled` divides the multi-hot bags by their
+    lengths.
 
-    forward: KJT with `Schema.sparse_features` keys -> KeyedTensor of [B, D_emb] (or [B, T * D_own]) per feature.
+    forward: KJT with `Schema.sparse_features` keys -> KeyedTensor of [B, D_emb + own_width] per feature.
     """
     tables = [
         EmbeddingBagConfig(
-            name=own_table_name(table.name) if own_width else table.name,
-            embedding_dim=own_width or table.embedding_dim,
+            name=table.name,
+            embedding_dim=table.embedding_dim + own_width,
             num_embeddings=table.num_embeddings,
             feature_names=[f.name for f in schema.sparse_features if f.table == table.name],
             pooling=PoolingType.SUM,
         )
-        for table in schema.tables
+        for table in sorted(schema.tables, key=lambda t: -t.embedding_dim)
     ]
     return EmbeddingBagCollection(tables=tables, device=device)
-
-
-def own_table_name(table: str) -> str:
-    """The name of the tasks' own copy of table `table` (`model.task_embedding_dim`): task t's rows are its columns
-    [t * D_own, (t + 1) * D_own), tasks in config order. One wide row per id, one lookup for all tasks; each column
-    keeps its own Adagrad state (distributed.shard_model), so no task's gradients scale another's steps."""
-    return f"{table}@tasks"
 
 
 def build_text_ebc(schema: Schema, text_dims: dict[str, int], device: torch.device) -> EmbeddingBagCollection:

@@ -1,12 +1,13 @@
 """MultiTaskRanker: embeddings + text + dense -> mixture of experts -> one tower per task."""
 
+import itertools
 from dataclasses import dataclass
 from typing import cast
 
 import torch
 from torch import Tensor, nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from recsys_mtl.config import Config, Freezable
 from recsys_mtl.data.batch import Batch
@@ -62,8 +63,8 @@ class MultiTaskRanker(nn.Module):
     Sparse features go through `ebc` (trainable, fused optimizer); text features through frozen tables of precomputed
     BERT vectors (`text_ebc`, detached) or a fine-tuned BERT (`text_finetuner`), then a trainable projection each;
     dense features through a small MLP. Their concatenation [B, D_in] feeds the mixture; its T outputs feed the towers.
-    With `model.task_embedding_dim`, each task also has tables of its own (`task_ebc`, STEM-style: a sparse task's
-    ids learn from its own gradients, not drowned by the dense tasks' ones), which only its tower reads.
+    With `model.task_embedding_dim`, each task also has embeddings of its own in every table's rows (STEM-style: a
+    sparse task's ids learn from its own gradients, not drowned by the dense tasks' ones), which only its tower reads.
     """
 
     def __init__(
@@ -77,14 +78,16 @@ class MultiTaskRanker(nn.Module):
         super().__init__()
         self.task_names = cfg.task_names
         self.num_sparse = len(schema.sparse_features)
-        self.ebc = build_ebc(schema, device or torch.device("meta"))
-        # the sparse features grouped by table, as the collection lays out its output on one process (no reordering)
+        self.own_dim = cfg.model.task_embedding_dim
+        self.own_width = self.own_dim * len(self.task_names)
+        self.ebc = build_ebc(schema, device or torch.device("meta"), self.own_width)
+        # the sparse features by table, widest first, as the collection lays out its output on one process
         self.sparse_names = [f for c in self.ebc.embedding_bag_configs() for f in c.feature_names]
-        self.multi_hot = [f.name for f in schema.sparse_features if f.kind == "multi_hot"]
-        own_dim = cfg.model.task_embedding_dim
-        self.own_dim = own_dim
-        own_width = own_dim * len(self.task_names)
-        self.task_ebc = build_ebc(schema, device or torch.device("meta"), own_width) if own_dim else None
+        # runs of consecutive features of one embedding width: (D_emb, number of features)
+        dims = [c.embedding_dim - self.own_width for c in self.ebc.embedding_bag_configs() for _ in c.feature_names]
+        self.width_runs = [(dim, len(list(run))) for dim, run in itertools.groupby(dims)]
+        schema_order = [f.name for f in schema.sparse_features]  # the batch's order
+        self.schema_positions = [schema_order.index(name) for name in self.sparse_names]
         self.text_names = [t.name for t in schema.texts] if cfg.model.text_dim > 0 else []
         self.text_ebc: EmbeddingBagCollection | None = None
         self.text_finetuner: TextFinetuner | None = None
@@ -106,15 +109,14 @@ class MultiTaskRanker(nn.Module):
         self.input_norm = norms[cfg.model.input_norm](in_dim) if cfg.model.input_norm in norms else nn.Identity()
         self.cross = CrossNet(in_dim, cfg.model.cross_layers) if cfg.model.cross_layers else nn.Identity()
         self.mixture = Mixture(in_dim, len(cfg.tasks), cfg.model, [t.weight for t in cfg.tasks])
-        tower_dim = self.mixture.out_dim + own_dim * self.num_sparse
+        tower_dim = self.mixture.out_dim + self.own_dim * self.num_sparse
         self.towers = nn.ModuleDict(
             {t: TaskTower(tower_dim, cfg.model.tower_dims, cfg.model.dropout) for t in self.task_names}
         )
 
     def table_names(self) -> list[str]:
-        """The embedding tables: the sparse features' tables, the tasks' own wide tables (`own_table_name`), then the
-        text tables (`TEXT_TABLE_PREFIX` + text)."""
-        collections = [ebc for ebc in (self.ebc, self.task_ebc, self.text_ebc) if ebc is not None]
+        """The embedding tables: the sparse features' tables, then the text tables (`TEXT_TABLE_PREFIX` + text)."""
+        collections = [ebc for ebc in (self.ebc, self.text_ebc) if ebc is not None]
         return [c.name for ebc in collections for c in ebc.embedding_bag_configs()]
 
     def freeze(self, parts: tuple[Freezable, ...]) -> None:
@@ -150,38 +152,31 @@ class MultiTaskRanker(nn.Module):
             vectors = {name: v.detach() for name, v in vectors.items()}
         return [self.text_projections[name](vectors[name]) for name in self.text_names]
 
-    def pooled(self, ebc: nn.Module, sparse_kjt: KeyedJaggedTensor) -> Tensor:
-        """`ebc`'s mean-pooled embeddings side by side, [B, sum of widths], features in `sparse_names` order (which a
-        sharded collection on several processes reorders by shard).
-
-        The tables sum their bags (`build_ebc`); a multi-hot feature's bags are divided by their lengths here, an
-        empty bag stays 0."""
-        pooled = ebc(sparse_kjt)
-        keys, widths = pooled.keys(), pooled.length_per_key()
-        values = pooled.values() if keys == self.sparse_names else KeyedTensor.regroup([pooled], [self.sparse_names])[0]
-        if not self.multi_hot:
-            return values
-        width = dict(zip(keys, widths, strict=True))
-        lengths = sparse_kjt.lengths().view(len(sparse_kjt.keys()), -1)  # [F, B], feature-major
-        scale, start = torch.ones_like(values), 0
-        for name in self.sparse_names:
-            if name in self.multi_hot:
-                count = lengths[sparse_kjt.keys().index(name)].clamp(min=1).unsqueeze(1)  # [B, 1]
-                scale[:, start : start + width[name]] = 1.0 / count
-            start += width[name]
-        return values * scale
-
     def forward(self, batch: Batch) -> RankerOutput:
         return self.head(self.inputs(batch))
 
     def inputs(self, batch: Batch) -> RankerInputs:
-        """The batch's per-feature inputs of the dense network (explain.py perturbs them between here and `head`)."""
+        """The batch's per-feature inputs of the dense network (explain.py perturbs them between here and `head`).
+
+        The tables sum their bags (`build_ebc`): each pooled row is divided by its bag's length here (a multi-hot
+        feature's mean; an empty bag stays 0), in the same pass that splits the rows [D_emb | T * D_own] into the
+        shared columns and the tasks' own."""
         sparse_kjt = batch.sparse.split([self.num_sparse, len(batch.sparse.keys()) - self.num_sparse])[0]
-        own = None
-        if self.task_ebc is not None:
-            own = self.pooled(self.task_ebc, sparse_kjt)
-            own = own.view(len(batch), self.num_sparse, self.own_dim * len(self.task_names))  # [B, F, T * D_own]
-        return RankerInputs(self.pooled(self.ebc, sparse_kjt), own, self.text_features(batch), batch.dense)
+        pooled = self.ebc(sparse_kjt)  # features by table on one process, by shard on several
+        keys = pooled.keys()
+        values = pooled.values() if keys == self.sparse_names else KeyedTensor.regroup([pooled], [self.sparse_names])[0]
+        lengths = sparse_kjt.lengths().view(self.num_sparse, -1)[self.schema_positions]  # [F, B]
+        scales = 1.0 / lengths.T.clamp(min=1).to(values.dtype).unsqueeze(2)  # [B, F, 1]
+        shared, own = [], []
+        runs = values.split([count * (dim + self.own_width) for dim, count in self.width_runs], 1)
+        run_scales = scales.split([count for _, count in self.width_runs], 1)
+        for (dim, count), run, scale in zip(self.width_runs, runs, run_scales, strict=True):
+            run_shared, run_own = run.view(len(batch), count, dim + self.own_width).split([dim, self.own_width], 2)
+            shared.append((run_shared * scale).flatten(1))  # [B, count * D_emb]
+            own.append(run_own * scale)  # [B, count, T * D_own]
+        return RankerInputs(
+            torch.cat(shared, 1), torch.cat(own, 1) if self.own_width else None, self.text_features(batch), batch.dense
+        )
 
     def head(self, inputs: RankerInputs) -> RankerOutput:
         """The dense network: the features concatenated [B, D_in] -> mixture -> one tower per task."""
