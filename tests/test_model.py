@@ -11,7 +11,7 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 from recsys_mtl.data.loader import Dataset, ReadOrder, read_batches
 from recsys_mtl.errors import InputError
 from recsys_mtl.metrics import auc
-from recsys_mtl.model.embeddings import TEXT_TABLE_PREFIX, read_table
+from recsys_mtl.model.embeddings import TEXT_TABLE_PREFIX, read_table, split_rows
 from recsys_mtl.model.experts import raw_gradients
 from recsys_mtl.model.ranker import autocast
 from recsys_mtl.step import CONFLICT_PREFIX, Trainer, build_trainer, gradient_cosines, predict_batch, train_step
@@ -62,6 +62,20 @@ def test_pooled_inputs_are_each_features_mean_of_its_table_rows(text_dataset: Pa
     expected = [e[:, :-own_width] for e in expected]
     torch.testing.assert_close(inputs.pooled, torch.cat(expected, 1))
     torch.testing.assert_close(inputs.own, torch.stack(own_expected, 1))
+
+
+def test_split_rows_is_the_per_feature_slicing_and_its_gradient_checks() -> None:
+    runs, own_width, rows = [(3, 2), (2, 3)], 4, 5  # 2 features 3 wide, 3 features 2 wide, 4 own columns each
+    dims = [dim for dim, count in runs for _ in range(count)]
+    values = torch.randn(rows, sum(dims) + 5 * own_width, dtype=torch.float64, requires_grad=True)
+    scales = torch.rand(rows, 5, 1, dtype=torch.float64) + 0.5
+    shared, own = split_rows(values, scales, runs, own_width)
+    features = (values * scales.repeat_interleave(torch.tensor([d + own_width for d in dims]), 1)[:, :, 0]).split(
+        [d + own_width for d in dims], 1
+    )
+    torch.testing.assert_close(shared, torch.cat([f[:, :d] for f, d in zip(features, dims, strict=True)], 1))
+    torch.testing.assert_close(own, torch.stack([f[:, d:] for f, d in zip(features, dims, strict=True)], 1))
+    assert torch.autograd.gradcheck(lambda v: split_rows(v, scales, runs, own_width), (values,))
 
 
 def test_gradients_reach_every_trainable_parameter_and_no_frozen_one(text_dataset: Path, tiny_bert: Path) -> None:

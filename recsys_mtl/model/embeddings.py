@@ -1,5 +1,7 @@
 """Embedding tables from the schema, as torchrec EmbeddingBagCollections, and loading rows into them."""
 
+from collections.abc import Iterator
+
 import torch
 from torch import Tensor, nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
@@ -36,6 +38,69 @@ def build_ebc(schema: Schema, device: torch.device, own_width: int = 0) -> Embed
         for table in sorted(schema.tables, key=lambda t: -t.embedding_dim)
     ]
     return EmbeddingBagCollection(tables=tables, device=device)
+
+
+def split_rows(values: Tensor, scales: Tensor, runs: list[tuple[int, int]], own_width: int) -> tuple[Tensor, Tensor]:
+    """Pooled rows [D_emb | own_width] side by side (`build_ebc`) -> (the shared columns side by side [B, sum D_emb],
+    the own columns [B, F, own_width]), each feature's row multiplied by its scale.
+
+    Args:
+        values: [B, sum of row widths], features in runs of one embedding width: `runs` = [(D_emb, count), ...].
+        scales: [B, F, 1].
+    """
+    return _SplitRows.apply(values, scales, runs, own_width)
+
+
+class _SplitRows(torch.autograd.Function):
+    """`split_rows`, one pass forward and one backward (autograd's split, scale and cat would copy the rows 3 times)."""
+
+    @staticmethod
+    def forward(
+        ctx, values: Tensor, scales: Tensor, runs: list[tuple[int, int]], own_width: int
+    ) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        ctx.save_for_backward(scales)
+        ctx.runs, ctx.own_width = runs, own_width
+        rows = len(values)
+        shared = values.new_empty(rows, sum(dim * count for dim, count in runs))
+        own = values.new_empty(rows, scales.shape[1], own_width)
+        for run, run_shared, run_own, scale in _run_views(values, shared, own, scales, runs):
+            torch.mul(run[:, :, : run_shared.shape[2]], scale, out=run_shared)
+            torch.mul(run[:, :, run_shared.shape[2] :], scale, out=run_own)
+        return shared, own
+
+    @staticmethod
+    def backward(ctx, grad_shared: Tensor | None, grad_own: Tensor | None) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
+        (scales,) = ctx.saved_tensors
+        rows = len(scales)
+        widths = sum((dim + ctx.own_width) * count for dim, count in ctx.runs)
+        shared_width = sum(dim * count for dim, count in ctx.runs)
+        if grad_shared is None:
+            grad_shared = scales.new_zeros(rows, shared_width)
+        if grad_own is None:
+            grad_own = scales.new_zeros(rows, scales.shape[1], ctx.own_width)
+        grad = scales.new_empty(rows, widths)
+        for run, run_shared, run_own, scale in _run_views(grad, grad_shared, grad_own, scales, ctx.runs):
+            torch.mul(run_shared, scale, out=run[:, :, : run_shared.shape[2]])
+            torch.mul(run_own, scale, out=run[:, :, run_shared.shape[2] :])
+        return grad, None, None, None
+
+
+def _run_views(
+    values: Tensor, shared: Tensor, own: Tensor, scales: Tensor, runs: list[tuple[int, int]]
+) -> Iterator[tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """Per run of `count` features of width `dim`: views of its rows [B, count, dim + W], its shared columns
+    [B, count, dim], its own columns [B, count, W] and its scales [B, count, 1]."""
+    rows, own_width = len(values), own.shape[2]
+    value_start = shared_start = feature = 0
+    for dim, count in runs:
+        value_end, shared_end = value_start + count * (dim + own_width), shared_start + count * dim
+        yield (
+            values[:, value_start:value_end].reshape(rows, count, dim + own_width),
+            shared[:, shared_start:shared_end].reshape(rows, count, dim),
+            own[:, feature : feature + count],
+            scales[:, feature : feature + count],
+        )
+        value_start, shared_start, feature = value_end, shared_end, feature + count
 
 
 def build_text_ebc(schema: Schema, text_dims: dict[str, int], device: torch.device) -> EmbeddingBagCollection:

@@ -13,7 +13,7 @@ from recsys_mtl.config import Config, Freezable
 from recsys_mtl.data.batch import Batch
 from recsys_mtl.data.schema import Schema
 from recsys_mtl.hardware import use_bf16
-from recsys_mtl.model.embeddings import build_ebc, build_text_ebc
+from recsys_mtl.model.embeddings import build_ebc, build_text_ebc, split_rows
 from recsys_mtl.model.experts import Mixture, MixtureLevel
 from recsys_mtl.model.interaction import CrossNet
 from recsys_mtl.model.towers import TaskTower
@@ -167,16 +167,8 @@ class MultiTaskRanker(nn.Module):
         values = pooled.values() if keys == self.sparse_names else KeyedTensor.regroup([pooled], [self.sparse_names])[0]
         lengths = sparse_kjt.lengths().view(self.num_sparse, -1)[self.schema_positions]  # [F, B]
         scales = 1.0 / lengths.T.clamp(min=1).to(values.dtype).unsqueeze(2)  # [B, F, 1]
-        shared, own = [], []
-        runs = values.split([count * (dim + self.own_width) for dim, count in self.width_runs], 1)
-        run_scales = scales.split([count for _, count in self.width_runs], 1)
-        for (dim, count), run, scale in zip(self.width_runs, runs, run_scales, strict=True):
-            run_shared, run_own = run.view(len(batch), count, dim + self.own_width).split([dim, self.own_width], 2)
-            shared.append((run_shared * scale).flatten(1))  # [B, count * D_emb]
-            own.append(run_own * scale)  # [B, count, T * D_own]
-        return RankerInputs(
-            torch.cat(shared, 1), torch.cat(own, 1) if self.own_width else None, self.text_features(batch), batch.dense
-        )
+        shared, own = split_rows(values, scales, self.width_runs, self.own_width)  # [B, sum D_emb], [B, F, T * D_own]
+        return RankerInputs(shared, own if self.own_width else None, self.text_features(batch), batch.dense)
 
     def head(self, inputs: RankerInputs) -> RankerOutput:
         """The dense network: the features concatenated [B, D_in] -> mixture -> one tower per task."""
