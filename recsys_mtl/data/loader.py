@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
@@ -83,9 +84,10 @@ class BatchBuilder:
         values, lengths = [], []
         for key in self.schema.kjt_keys:
             column = df.get_column(key)
-            if key in self.multi_hot:
-                lengths.append(column.list.len().to_numpy().astype(np.int32))
-                values.append(column.explode().drop_nulls().to_numpy())
+            if key in self.multi_hot:  # through Arrow: polars' list expressions wait on its thread pool
+                lists = column.to_arrow()
+                lengths.append(pc.fill_null(pc.list_value_length(lists), 0).to_numpy().astype(np.int32))
+                values.append(pc.list_flatten(lists).to_numpy())
             else:
                 lengths.append(np.ones(num_rows, dtype=np.int32))
                 values.append(column.to_numpy())
@@ -102,7 +104,7 @@ class BatchBuilder:
             present = ~np.isnan(target)
             labels[label.task] = torch.from_numpy(np.where(present, target, 0.0).astype(np.float32))
             masks[label.task] = torch.from_numpy(present)
-        keys = df.select(KEY_PREFIX + k for k in self.schema.keys).rename(lambda c: c.removeprefix(KEY_PREFIX))
+        keys = pl.DataFrame([df.get_column(KEY_PREFIX + k).alias(k) for k in self.schema.keys])
         return Batch(sparse=sparse, dense=torch.from_numpy(dense), labels=labels, masks=masks, keys=keys)
 
     def non_finite(self, df: pl.DataFrame) -> dict[str, int]:
@@ -114,8 +116,8 @@ class BatchBuilder:
 
     def _standardised(self, df: pl.DataFrame) -> np.ndarray:
         """The dense columns after transform and train standardisation: [B, D_dense] float32, NaN where null."""
-        dense = df.select(self.dense_columns).to_numpy().astype(np.float32, copy=False)
-        dense = dense.reshape(df.height, len(self.dense_columns))  # [B, D_dense], NaN = null
+        columns = [df.get_column(c).to_numpy().astype(np.float32, copy=False) for c in self.dense_columns]
+        dense = np.stack(columns, 1) if columns else np.zeros((df.height, 0), np.float32)  # [B, D_dense], NaN = null
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):  # non-finite results are handled after
             dense = np.where(self.log1p, np.log1p(dense), dense)
             return (dense - self.mean) / self.std
