@@ -198,7 +198,13 @@ def our_notes(cfg: Config, dataset: Dataset) -> list[str]:
     return [
         "tasks ctr + cvr after ctr (ESMM: pCTCVR = pCTR * pCVR trained on every row)",
         f"embedding dims from the dataset's schema: {dims}; tables shared as the schema says",
-        f"embeddings: fused row-wise Adagrad lr {cfg.optim.embedding_lr}; dense: {cfg.optim.dense} lr {cfg.optim.lr}"
+        f"embeddings: fused Adagrad lr {cfg.optim.embedding_lr} ("
+        + (
+            f"per element: each row also holds the tasks' own {cfg.model.task_embedding_dim}-wide embeddings"
+            if cfg.model.task_embedding_dim
+            else "row-wise"
+        )
+        + f"); dense: {cfg.optim.dense} lr {cfg.optim.lr}"
         f" decayed {cfg.optim.decay}; loss {cfg.loss.reduction}-level, {cfg.loss.weighting} weighting",
         f"dense features through an MLP {list(cfg.model.dense_dims)}; gates: one softmax layer per task",
         f"input_norm = {cfg.model.input_norm!r} on the concatenated features (no cross layers, no text here)",
