@@ -117,7 +117,7 @@ def _fused_tbe_step(batches: list[KeyedJaggedTensor], device: torch.device) -> C
             num_embeddings=rows,
             embedding_dim=dim,
             feature_names=[k for k in [*TABLES, "recent_categories"] if _table_of(k) == name],
-            pooling=PoolingType.MEAN,
+            pooling=PoolingType.SUM,  # as the project pools (the multi-hot means are taken in the ranker)
         )
         for name, (rows, dim, _) in TABLES.items()
     ]
@@ -146,7 +146,7 @@ def _fused_tbe_step(batches: list[KeyedJaggedTensor], device: torch.device) -> C
 def _embedding_bag_step(batches: list[KeyedJaggedTensor], device: torch.device, sparse: bool) -> Callable[[], None]:
     """One nn.EmbeddingBag per table and torch's Adagrad (sparse or dense gradients)."""
     bags = nn.ModuleDict(
-        {name: nn.EmbeddingBag(rows, dim, mode="mean", sparse=sparse) for name, (rows, dim, _) in TABLES.items()}
+        {name: nn.EmbeddingBag(rows, dim, mode="sum", sparse=sparse) for name, (rows, dim, _) in TABLES.items()}
     ).to(device)
     optimizer = torch.optim.Adagrad(bags.parameters(), lr=0.1)
     state = {"i": 0}

@@ -38,8 +38,8 @@ class RankerInputs:
     """What the dense network reads, feature by feature, for B rows (`MultiTaskRanker.inputs` -> `head`).
 
     pooled: [B, sum of D_emb], the sparse features' pooled embeddings side by side, in `sparse_names` order.
-    own: [B, F, T * D_own], each feature's pooled row of its tasks' own table (`model.task_embedding_dim`), task t's
-        in columns [t * D_own, (t + 1) * D_own); None without them.
+    own: [B, F, T * D_own], each feature's pooled own columns (the tasks' embeddings, `model.task_embedding_dim`),
+        task t's in columns [t * D_own, (t + 1) * D_own); None without them.
     texts: one [B, text_dim] projected vector per text feature.
     dense: [B, D_dense] the standardised dense features (before the dense MLP).
     """
@@ -165,7 +165,7 @@ class MultiTaskRanker(nn.Module):
         pooled = self.ebc(sparse_kjt)  # features by table on one process, by shard on several
         keys = pooled.keys()
         values = pooled.values() if keys == self.sparse_names else KeyedTensor.regroup([pooled], [self.sparse_names])[0]
-        lengths = sparse_kjt.lengths().view(self.num_sparse, -1)[self.schema_positions]  # [F, B]
+        lengths = sparse_kjt.lengths().view(self.num_sparse, len(batch))[self.schema_positions]  # [F, B]
         scales = 1.0 / lengths.T.clamp(min=1).to(values.dtype).unsqueeze(2)  # [B, F, 1]
         shared, own = split_rows(values, scales, self.width_runs, self.own_width)  # [B, sum D_emb], [B, F, T * D_own]
         return RankerInputs(shared, own if self.own_width else None, self.text_features(batch), batch.dense)
