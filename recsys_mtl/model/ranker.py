@@ -163,8 +163,8 @@ class MultiTaskRanker(nn.Module):
         shared columns and the tasks' own."""
         sparse_kjt = batch.sparse.split([self.num_sparse, len(batch.sparse.keys()) - self.num_sparse])[0]
         pooled = self.ebc(sparse_kjt)  # features by table on one process, by shard on several
-        keys = pooled.keys()
-        values = pooled.values() if keys == self.sparse_names else KeyedTensor.regroup([pooled], [self.sparse_names])[0]
+        in_order = pooled.keys() == self.sparse_names
+        values = pooled.values() if in_order else KeyedTensor.regroup([pooled], [self.sparse_names])[0]
         lengths = sparse_kjt.lengths().view(self.num_sparse, len(batch))[self.schema_positions]  # [F, B]
         scales = 1.0 / lengths.T.clamp(min=1).to(values.dtype).unsqueeze(2)  # [B, F, 1]
         shared, own = split_rows(values, scales, self.width_runs, self.own_width)  # [B, sum D_emb], [B, F, T * D_own]
@@ -180,9 +180,8 @@ class MultiTaskRanker(nn.Module):
         tower_inputs = task_inputs.transpose(0, 1).float()  # [T, B, D_exp]
         if inputs.own is not None:  # each tower also reads its task's own embeddings: [T, B, D_exp + F * D_own]
             rows, num_tasks = len(inputs.own), len(self.task_names)
-            own = inputs.own.view(rows, self.num_sparse, num_tasks, self.own_dim).permute(
-                2, 0, 1, 3
-            )  # [T, B, F, D_own]
+            own = inputs.own.view(rows, self.num_sparse, num_tasks, self.own_dim)  # [B, F, T, D_own]
+            own = own.permute(2, 0, 1, 3)  # [T, B, F, D_own]
             tower_inputs = torch.cat([tower_inputs, own.flatten(2).float()], 2)
         with torch.autocast(task_inputs.device.type, enabled=False):  # the small heads in fp32: bf16 cost rating RMSE
             logits = {t: self.towers[t](x) for t, x in zip(self.task_names, tower_inputs, strict=True)}
