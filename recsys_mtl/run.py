@@ -16,6 +16,7 @@ from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbe
 from recsys_mtl.checkpoint import fingerprint, load_checkpoint, read_progress, trained_checkpoint
 from recsys_mtl.config import Config, load_config
 from recsys_mtl.data.schema import Schema
+from recsys_mtl.hardware import keep_freed_memory
 from recsys_mtl.model.ranker import MultiTaskRanker
 from recsys_mtl.tasks import TaskSpec, task_specs
 from recsys_mtl.text import load_text_vectors, read_texts
@@ -56,6 +57,7 @@ def load_run(run_dir: Path, device: torch.device, int8: bool = False) -> Trained
         MissingInputError: no config.toml or checkpoint in `run_dir`.
         InputError: the checkpoint does not match the config or the dataset, or is refused as unsafe or corrupt.
     """
+    keep_freed_memory()
     cfg = load_config(Path(run_dir) / "config.toml")
     schema = Schema.load(Path(cfg.dataset))
     checkpoint = trained_checkpoint(run_dir)

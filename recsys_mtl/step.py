@@ -16,6 +16,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from recsys_mtl.config import Config
 from recsys_mtl.data.batch import Batch
 from recsys_mtl.data.loader import Dataset
+from recsys_mtl.hardware import keep_freed_memory
 from recsys_mtl.distributed import ShardedRanker, shard_model, world
 from recsys_mtl.model.embeddings import TEXT_TABLE_PREFIX, write_table
 from recsys_mtl.model.experts import raw_gradients
@@ -53,6 +54,7 @@ def build_trainer(cfg: Config, dataset: Dataset, device: torch.device) -> Traine
     # fp32 on CPU: values below 1e-38 (which training produces) take a slow path that made a run's steps 2x slower as
     # it went on (benchmarks/results/step_bf16.md); flushed to zero, they cost nothing and change no loss measurably
     torch.set_flush_denormal(True)
+    keep_freed_memory()
     model, vectors = build_ranker(cfg, dataset.folder, schema)
     sharded = shard_model(model, cfg, device)
     for name, table in vectors.items():

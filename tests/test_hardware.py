@@ -1,5 +1,9 @@
 """bf16 = "auto": decided from the chip's flags (train.bf16, text.dtype), forced by true / false."""
 
+import platform
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -43,3 +47,27 @@ def test_text_auto_runs_bf16_where_native_and_takes_vectors_of_either_dtype(monk
 def test_this_machines_flags_are_read() -> None:
     flags = hardware.cpu_flags()
     assert not flags or "fpu" in flags or "fp" in flags  # x86 lists fpu; empty where /proc/cpuinfo is absent
+
+
+REFILL = """
+import resource, sys, torch
+from recsys_mtl.hardware import keep_freed_memory
+kept = keep_freed_memory() if sys.argv[1] == "keep" else False
+torch.ones(4 << 20)  # 16 MB, freed at once
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+torch.ones(2 << 20)  # 8 MB: pages faulted in anew, unless the freed ones are reused
+print(kept, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def _refill_faults(mode: str) -> tuple[str, int]:
+    done = subprocess.run([sys.executable, "-c", REFILL, mode], capture_output=True, text=True, check=True)
+    kept, faults = done.stdout.split()
+    return kept, int(faults)
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+def test_freed_memory_is_reused_without_page_faults() -> None:
+    assert _refill_faults("keep") == ("True", pytest.approx(0, abs=500))
+    _, faults = _refill_faults("default")
+    assert faults > 1_500  # 8 MB in 4 KB pages: 2k faults when glibc has handed the memory back
