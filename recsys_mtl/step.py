@@ -16,8 +16,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from recsys_mtl.config import Config
 from recsys_mtl.data.batch import Batch
 from recsys_mtl.data.loader import Dataset
-from recsys_mtl.hardware import keep_freed_memory
 from recsys_mtl.distributed import ShardedRanker, shard_model, world
+from recsys_mtl.hardware import keep_freed_memory
 from recsys_mtl.model.embeddings import TEXT_TABLE_PREFIX, write_table
 from recsys_mtl.model.experts import raw_gradients
 from recsys_mtl.model.losses import MultiTaskLoss, active_tasks
