@@ -92,6 +92,7 @@ bench-full: $(STAMP) $(BENCH_DATA) ## every benchmark at full size (about an hou
 	$(BIN)/python benchmarks/bench_scaling.py --device $(DEVICE)
 	$(BIN)/python benchmarks/bench_scale.py --device $(DEVICE)
 	$(BIN)/python benchmarks/bench_reader.py --device $(DEVICE)
+	$(BIN)/python benchmarks/bench_memory.py
 	$(BIN)/python benchmarks/bench_synth.py --device $(DEVICE)
 	$(BIN)/python benchmarks/bench_text.py --device $(DEVICE)
 	$(BIN)/python benchmarks/bench_quality.py --device $(DEVICE)
