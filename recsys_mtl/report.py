@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from recsys_mtl.files import atomic_write_text
+from recsys_mtl.files import atomic_file, atomic_write_text
 from recsys_mtl.metrics import DEAD_LOAD, MixtureHealth, format_metric, has_oracle, is_task_metric
 from recsys_mtl.tasks import better, is_headline
 
@@ -147,10 +147,22 @@ def mixture_section(metrics: dict[str, float], tasks: list[str], baselines: dict
     return lines
 
 
+def _save(fig: "plt.Figure", path: Path) -> None:
+    """Write `fig` as PNG through a temporary file and a rename, and free it."""
+    fig.tight_layout()
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
+    plt.close(fig)
+
+
 def _learning_curves(run_dir: Path, path: Path) -> bool:
+    """Plot the training log into `path` (kept as it is when newer than the log: each evaluation of a run would draw
+    the same figure); False without a log to plot."""
     log = run_dir / "metrics.jsonl"
     if not log.is_file():
         return False
+    if path.is_file() and path.stat().st_mtime >= log.stat().st_mtime:
+        return True
     rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     train = [r for r in rows if r["kind"] == "train"]
     valid = [r for r in rows if r["kind"] == "valid"]
@@ -175,9 +187,7 @@ def _learning_curves(run_dir: Path, path: Path) -> bool:
     for ax in axes:
         if ax.lines:
             ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save(fig, path)
     return True
 
 
@@ -192,9 +202,7 @@ def _utilisation(details: EvaluationDetails, path: Path) -> None:
             ax.text(e, t, f"{w:.2f}", ha="center", va="center", color="white" if w < 0.5 * max(row) else "black")
     ax.set_title("mean gate weight (task x expert)")
     fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def _calibration(curves: dict[str, CalibrationCurve], path: Path) -> None:
@@ -205,9 +213,7 @@ def _calibration(curves: dict[str, CalibrationCurve], path: Path) -> None:
         ax.plot(curve.predicted, curve.observed, marker="o", label=task)
     ax.set(title="calibration (deciles of the prediction)", xlabel="mean predicted", ylabel="observed rate")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def write_report(

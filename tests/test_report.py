@@ -1,5 +1,6 @@
 import json
 import math
+import os
 from pathlib import Path
 
 from recsys_mtl.report import (
@@ -125,3 +126,19 @@ def test_learning_curves_add_a_conflict_panel_from_health_lines(tmp_path: Path) 
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     assert _learning_curves(tmp_path, tmp_path / "curves.png")
     assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_learning_curves_are_drawn_again_only_when_the_log_is_newer(tmp_path: Path) -> None:
+    log, png = tmp_path / "metrics.jsonl", tmp_path / "learning_curves.png"
+    log.write_text(json.dumps({"kind": "train", "step": 50, "ctr/loss": 0.3}) + "\n")
+    assert _learning_curves(tmp_path, png)
+    one_step = png.read_bytes()
+    os.utime(log, (png.stat().st_mtime - 10,) * 2)  # the figure is newer than the log: kept as it is
+    png.write_bytes(b"kept")
+    assert _learning_curves(tmp_path, png) and png.read_bytes() == b"kept"
+    with log.open("a") as f:  # training went on: the log is newer
+        f.write(json.dumps({"kind": "train", "step": 100, "ctr/loss": 0.2}) + "\n")
+    os.utime(log, (png.stat().st_mtime + 10,) * 2)
+    assert _learning_curves(tmp_path, png)
+    assert png.read_bytes().startswith(b"\x89PNG") and png.read_bytes() != one_step
+    assert not list(tmp_path.glob(".*tmp*"))  # written through a temporary file, none left behind
