@@ -38,7 +38,8 @@ def child(config: Path, batch_size: int, steps: int, keep: bool) -> dict:
     cfg = load_config(config, [f"train.batch_size={batch_size}"])
     dataset = Dataset(cfg.dataset)
     trainer = step.build_trainer(cfg, dataset, torch.device("cpu"))
-    batches = list(itertools.islice(read_batches(dataset, "train", batch_size, ReadOrder(shuffle=True, seed=cfg.train.seed)), 8))
+    order = ReadOrder(shuffle=True, seed=cfg.train.seed)
+    batches = list(itertools.islice(read_batches(dataset, "train", batch_size, order), 8))
     for i in range(WARMUP_STEPS):
         step.train_step(trainer, batches[i % len(batches)], i)
     before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
