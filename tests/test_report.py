@@ -135,10 +135,12 @@ def test_learning_curves_are_drawn_again_only_when_the_log_is_newer(tmp_path: Pa
     one_step = png.read_bytes()
     os.utime(log, (png.stat().st_mtime - 10,) * 2)  # the figure is newer than the log: kept as it is
     png.write_bytes(b"kept")
-    assert _learning_curves(tmp_path, png) and png.read_bytes() == b"kept"
+    assert _learning_curves(tmp_path, png)
+    assert png.read_bytes() == b"kept"
     with log.open("a") as f:  # training went on: the log is newer
         f.write(json.dumps({"kind": "train", "step": 100, "ctr/loss": 0.2}) + "\n")
     os.utime(log, (png.stat().st_mtime + 10,) * 2)
     assert _learning_curves(tmp_path, png)
-    assert png.read_bytes().startswith(b"\x89PNG") and png.read_bytes() != one_step
+    assert png.read_bytes().startswith(b"\x89PNG")
+    assert png.read_bytes() != one_step
     assert not list(tmp_path.glob(".*tmp*"))  # written through a temporary file, none left behind
