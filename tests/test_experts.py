@@ -4,6 +4,7 @@ import torch.nn.functional as F
 
 from recsys_mtl.config import ModelConfig
 from recsys_mtl.model.experts import ExpertStack, GradientBalance, Mixture
+from recsys_mtl.model.interaction import CrossNet
 
 NUM_TASKS, IN_DIM, BATCH = 3, 12, 8
 
@@ -114,3 +115,18 @@ def test_balance_norm_gives_each_task_its_share_of_the_mean_norm() -> None:
     fresh(weights, grads)
     built = weights[..., None] * grads[:, :, None, :]  # [B, G, E, D]
     torch.testing.assert_close(fresh.running_norms, built.transpose(0, 1).flatten(1).norm(dim=1))
+
+
+def test_cross_layers_follow_the_formula_and_run_in_the_autocast_dtype() -> None:
+    torch.manual_seed(0)
+    cross, x0 = CrossNet(IN_DIM, 2), torch.randn(BATCH, IN_DIM)
+    for layer in cross.layers:
+        torch.nn.init.normal_(layer.bias)
+    x = x0
+    for layer in cross.layers:  # DCN-v2: x_{l+1} = x_0 * (W_l x_l + b_l) + x_l
+        x = x0 * (x @ layer.weight.T + layer.bias) + x
+    torch.testing.assert_close(cross(x0), x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = cross(x0)
+    assert low.dtype == torch.bfloat16  # one cast of x_0, every layer in bf16
+    torch.testing.assert_close(low.float(), x, rtol=0.05, atol=0.05)
