@@ -6,7 +6,8 @@ from torch import Tensor, nn
 
 class CrossNet(nn.Module):
     """x_{l+1} = x_0 * (W_l x_l + b_l) + x_l (Wang et al., DCN-v2). forward: [B, D_in] -> [B, D_in], in the autocast
-    dtype under autocast (bf16 rounding in the sums as well: 3 seeds of the demo config within a std of fp32's, README)."""
+    dtype under autocast (bf16 rounding in the sums as well: 3 seeds of the demo config within a std of fp32's,
+    README)."""
 
     def __init__(self, dim: int, num_layers: int) -> None:
         super().__init__()
