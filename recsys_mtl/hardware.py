@@ -50,8 +50,8 @@ def keep_freed_memory() -> bool:
     """Have glibc's malloc reuse the memory that tensors free instead of handing it back to the kernel.
 
     By default blocks above 128 KB are fresh mmaps (the threshold adapts upwards as they are freed) and free memory
-    above twice that is returned to the kernel, so each step's activations fault their pages in again: 5k page faults
-    a step at batch 4096 and 130k at batch 16384 for the demo config, a third to two thirds of the step spent in the
+    above twice that is returned to the kernel, so each step's activations fault their pages in again: 6-8k page
+    faults a step at batch 2048-4096 and 127k at batch 16384 for the demo config, up to 40% of the step spent in the
     kernel (README, "Memory a step reuses"). Blocks up to `HEAP_LARGEST_BYTES` now come from the heap, which keeps up
     to `KEPT_FREE_BYTES` free for the next step. Process-wide, once; False where the C library is not glibc (nothing
     changed).

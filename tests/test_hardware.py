@@ -1,4 +1,5 @@
-"""bf16 = "auto": decided from the chip's flags (train.bf16, text.dtype), forced by true / false."""
+"""bf16 = "auto": decided from the chip's flags (train.bf16, text.dtype), forced by true / false; glibc's malloc
+keeping what tensors free."""
 
 import platform
 import subprocess
