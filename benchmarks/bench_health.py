@@ -34,25 +34,40 @@ WARMUP_STEPS = 5
 SINGLE_STEPS = 15  # pairs of single steps for the cost of one measure
 
 
+def _rng_states() -> list[torch.Tensor]:
+    return [torch.get_rng_state(), *([torch.cuda.get_rng_state()] if torch.cuda.is_available() else [])]
+
+
+def _set_rng_states(states: list[torch.Tensor]) -> None:
+    torch.set_rng_state(states[0])
+    if len(states) > 1:
+        torch.cuda.set_rng_state(states[1])
+
+
 @dataclasses.dataclass
 class Side:
-    """One variant: its trainer, its step count and every loss it saw."""
+    """One variant: its trainer, its step count, every loss it saw and its own random stream (gate dropout draws from
+    torch's global generator: without its own stream, a side's draws would depend on the other side's windows)."""
 
     name: str
-    trainer: Trainer
+    trainer: Trainer  # build_trainer seeds the generator: each side's stream starts where its build left it
     step: int = 0
     losses: list[float] = dataclasses.field(default_factory=list)
+    rng: list[torch.Tensor] = dataclasses.field(default_factory=_rng_states)
 
     def run(self, batches: list[Batch], num_steps: int, measure: bool | None = None) -> float:
         """`num_steps` training steps (measuring as the loop would, unless `measure` says); their seconds."""
         every = self.trainer.cfg.train.conflict_every
+        _set_rng_states(self.rng)
         start = time.perf_counter()
         for _ in range(num_steps):
             due = conflict_due(every, self.step + 1) if measure is None else measure
             metrics = train_step(self.trainer, batches[self.step % len(batches)], self.step, measure_conflict=due)
             self.losses.append(metrics["loss"])  # .item() in train_step: the step is done, on any device
             self.step += 1
-        return time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self.rng = _rng_states()
+        return seconds
 
 
 def _with_conflict_every(cfg: Config, every: int) -> Config:
