@@ -53,6 +53,7 @@ class ModelConfig:
     dense_dims: tuple[int, ...] = (16,)
     text_dim: int = 32  # width of each text projection; 0 disables the text branch
     cross_layers: int = 2  # DCN-v2 cross layers on the concatenated features before the mixture; 0: none
+    cross_rank: int = 0  # > 0: each cross layer's matrix the product of two of this rank (DCN-v2's low rank form)
     # normalise the concatenated features (their scales differ): helps without cross layers and text, not with them
     input_norm: Literal["batch", "layer", "none"] = "none"
     dropout: float = 0.0
@@ -74,9 +75,10 @@ class ModelConfig:
             )
         if not self.expert_dims or min(self.expert_dims) < 1 or min(self.tower_dims, default=1) < 1:
             raise ValueError(f"model.expert_dims must be non-empty and positive, got {self.expert_dims}")
-        if min(self.dense_dims, default=1) < 1 or self.cross_layers < 0:
+        if min(self.dense_dims, default=1) < 1 or self.cross_layers < 0 or self.cross_rank < 0:
             raise ValueError(
-                f"model.dense_dims must be positive and cross_layers >= 0, got {self.dense_dims}, {self.cross_layers}"
+                f"model.dense_dims must be positive and cross_layers, cross_rank >= 0, got {self.dense_dims}, "
+                f"{self.cross_layers}, {self.cross_rank}"
             )
         if self.task_embedding_dim < 0 or self.task_embedding_dim % 4:
             raise ValueError(f"model.task_embedding_dim must be 0 or a multiple of 4, got {self.task_embedding_dim}")

@@ -22,6 +22,7 @@ from recsys_mtl.data.loader import Dataset
 from recsys_mtl.data.schema import SPLITS
 from recsys_mtl.errors import InputError
 from recsys_mtl.files import atomic_write_text
+from recsys_mtl.report import save_figure
 from recsys_mtl.run import TrainedRun, load_run
 from recsys_mtl.tasks import headline_metric
 
@@ -320,9 +321,7 @@ def _plot(explanation: Explanation, task: str, path: Path) -> None:
         ax.set_yticks(list(y), features, fontsize=8)
         ax.set(title=title, xlabel="share of the total")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_explanation(run_dir: Path, explanation: Explanation) -> list[str]:

@@ -147,7 +147,7 @@ def mixture_section(metrics: dict[str, float], tasks: list[str], baselines: dict
     return lines
 
 
-def _save(fig: "plt.Figure", path: Path) -> None:
+def save_figure(fig: "plt.Figure", path: Path) -> None:
     """Write `fig` as PNG through a temporary file and a rename, and free it."""
     fig.tight_layout()
     with atomic_file(path) as tmp:
@@ -187,7 +187,7 @@ def _learning_curves(run_dir: Path, path: Path) -> bool:
     for ax in axes:
         if ax.lines:
             ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
     return True
 
 
@@ -202,7 +202,7 @@ def _utilisation(details: EvaluationDetails, path: Path) -> None:
             ax.text(e, t, f"{w:.2f}", ha="center", va="center", color="white" if w < 0.5 * max(row) else "black")
     ax.set_title("mean gate weight (task x expert)")
     fig.colorbar(image, ax=ax)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def _calibration(curves: dict[str, CalibrationCurve], path: Path) -> None:
@@ -213,7 +213,7 @@ def _calibration(curves: dict[str, CalibrationCurve], path: Path) -> None:
         ax.plot(curve.predicted, curve.observed, marker="o", label=task)
     ax.set(title="calibration (deciles of the prediction)", xlabel="mean predicted", ylabel="observed rate")
     ax.legend()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def write_report(

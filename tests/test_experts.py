@@ -130,3 +130,16 @@ def test_cross_layers_follow_the_formula_and_run_in_the_autocast_dtype() -> None
         low = cross(x0)
     assert low.dtype == torch.bfloat16  # one cast of x_0, every layer in bf16
     torch.testing.assert_close(low.float(), x, rtol=0.05, atol=0.05)
+
+
+def test_low_rank_cross_layers_equal_full_layers_of_their_product() -> None:
+    torch.manual_seed(0)
+    low, full, x0 = CrossNet(IN_DIM, 2, rank=3), CrossNet(IN_DIM, 2), torch.randn(BATCH, IN_DIM)
+    with torch.no_grad():
+        for low_layer, full_layer in zip(low.layers, full.layers, strict=True):
+            down, up = low_layer  # W = U V: V [3, D_in], U [D_in, 3]
+            torch.nn.init.normal_(up.bias)
+            full_layer.weight.copy_(up.weight @ down.weight)
+            full_layer.bias.copy_(up.bias)
+    assert sum(p.numel() for p in low.parameters()) == 2 * (2 * 3 * IN_DIM + IN_DIM)
+    torch.testing.assert_close(low(x0), full(x0))

@@ -9,11 +9,9 @@ class CrossNet(nn.Module):
     dtype under autocast (bf16 rounding in the sums as well: 3 seeds of the demo config within a std of fp32's,
     README)."""
 
-    def __init__(self, dim: int, num_layers: int) -> None:
+    def __init__(self, dim: int, num_layers: int, rank: int = 0) -> None:
         super().__init__()
-        layers = [nn.Linear(dim, dim) for _ in range(num_layers)]
-        for layer in layers:
-            nn.init.zeros_(layer.bias)
+        layers = [_cross_matrix(dim, rank) for _ in range(num_layers)]
         self.layers = nn.ModuleList(layers)
 
     def forward(self, x0: Tensor) -> Tensor:
@@ -24,3 +22,10 @@ class CrossNet(nn.Module):
         for layer in self.layers:
             x = torch.addcmul(x, x0, layer(x))  # x0 * (W x + b) + x, one pass: [B, D_in]
         return x
+
+
+def _cross_matrix(dim: int, rank: int) -> nn.Module:
+    """W x + b: [B, D_in] -> [B, D_in]; W full (rank 0) or U V with V: D_in -> rank, U: rank -> D_in."""
+    out = nn.Linear(rank or dim, dim)
+    nn.init.zeros_(out.bias)
+    return nn.Sequential(nn.Linear(dim, rank, bias=False), out) if rank else out

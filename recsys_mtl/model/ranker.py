@@ -107,7 +107,8 @@ class MultiTaskRanker(nn.Module):
         )
         norms = {"batch": nn.BatchNorm1d, "layer": nn.LayerNorm}
         self.input_norm = norms[cfg.model.input_norm](in_dim) if cfg.model.input_norm in norms else nn.Identity()
-        self.cross = CrossNet(in_dim, cfg.model.cross_layers) if cfg.model.cross_layers else nn.Identity()
+        cross = cfg.model.cross_layers
+        self.cross = CrossNet(in_dim, cross, cfg.model.cross_rank) if cross else nn.Identity()
         self.mixture = Mixture(in_dim, len(cfg.tasks), cfg.model, [t.weight for t in cfg.tasks])
         tower_dim = self.mixture.out_dim + self.own_dim * self.num_sparse
         self.towers = nn.ModuleDict(
