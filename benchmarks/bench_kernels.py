@@ -1,6 +1,6 @@
 """Kernels against this machine's limits, measured side by side in one run.
 
-    python benchmarks/bench_kernels.py [--config configs/demo.toml] [--quick] [--device cpu|cuda]
+    python benchmarks/bench_kernels.py [--config configs/demo.toml] [--quick] [--device cpu|cuda] [--out NAME]
 
 1. Ceilings: memory bandwidth (copy, triad) and matmul rate (fp32, bf16).
 2. Embedding training step at realistic sizes (1M users, 500k items, 100k ads, 8 small tables, a multi-hot feature,
@@ -13,7 +13,7 @@
    bf16, under bf16 autocast, against the batch reader; model FLOP utilisation (dense FLOPs per sample x samples/s /
    the matmul rate of the dtype the step runs its matmuls in); a torch.profiler table of three steps in the dtype
    `train.bf16 = "auto"` picks.
-Writes benchmarks/results/kernels_<device>.json and .md.
+Writes benchmarks/results/kernels_<device>.json and .md (or <out>.json and .md).
 """
 
 import argparse
@@ -327,6 +327,7 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=Path("configs/demo.toml"))
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="fewer repeats, smaller arrays")
+    parser.add_argument("--out", help="results name under benchmarks/results (default: kernels_<device>)")
     args = parser.parse_args()
     device = torch.device(args.device)
     limits = ceilings(device, args.quick)
@@ -356,7 +357,7 @@ def main() -> None:
     )
     print(f"\nprofile of three training steps\n{profile_table}")
     command = "python benchmarks/bench_kernels.py " + " ".join(sys.argv[1:])
-    write_results(f"kernels_{args.device}", [limits, *embedding, *dense, *step], markdown, command=command)
+    write_results(args.out or f"kernels_{args.device}", [limits, *embedding, *dense, *step], markdown, command=command)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 import sys
 
-from recsys_mtl.cli import main
+from recsys_mtl.cli import console
 
-sys.exit(main())
+sys.exit(console())

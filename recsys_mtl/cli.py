@@ -2,6 +2,7 @@
 
 import argparse
 import dataclasses
+import gc
 import logging
 import os
 import sys
@@ -379,5 +380,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def console() -> int:
+    """The console script (and `python -m recsys_mtl`): `main` in a process of its own.
+
+    torch, torchrec and their imports leave ~400k objects that live until the process ends; the garbage collector's
+    full passes went over them 6 times during the imports and again at exit (1-1.5 s of an evaluate). Here full passes
+    run 100x less often, and what is alive when the command ends stays out of the exit's passes.
+    """
+    gc.set_threshold(*gc.get_threshold()[:2], 1000)
+    try:
+        return main()
+    finally:
+        gc.freeze()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())

@@ -1,3 +1,5 @@
+import subprocess
+import sys
 from pathlib import Path
 
 import polars as pl
@@ -59,3 +61,17 @@ def test_bad_input_is_one_line_but_a_bug_keeps_its_traceback(
     monkeypatch.setattr("data_prep.commands._prepare", bug)
     with pytest.raises(KeyError, match="valid"):
         main(["prepare", str(tmp_path), "--out", str(tmp_path / "ds")])
+
+
+def test_the_console_script_runs_full_collections_rarely_and_leaves_its_objects_out_of_the_exit_ones(
+    tmp_path: Path,
+) -> None:
+    code = (
+        "import gc, sys; from recsys_mtl.cli import console; "
+        f"sys.argv = ['recsys-mtl', 'synth', '--out', {str(tmp_path / 'raw')!r}, '--days', '2']; "
+        "rc = console(); print(rc, gc.get_threshold()[2], gc.get_freeze_count())"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    rc, threshold, frozen = map(int, done.stdout.split())
+    assert (rc, threshold) == (2, 1000)  # the bad --days still exits 2
+    assert frozen > 10_000  # the imported modules' objects
