@@ -2,6 +2,7 @@
 (fp32, batches of 256 in input order), with its cosine agreement to fp32 torch.
 
     python benchmarks/bench_text.py [--texts titles|reviews] [--num-texts 2000] [--max-length 128] [--device cpu|cuda]
+        [--out NAME]
 
 titles: synthetic item titles (about 11 tokens); reviews: the shipped women's clothing reviews, title + text (median
 80 tokens), the long texts. Variants: fp32 and bf16 in length-sorted batches of `text.batch_size` (the shipped way),
@@ -92,6 +93,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=TextConfig().max_length)
     parser.add_argument("--batch-size", type=int, default=TextConfig().batch_size)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--out", help="results name under benchmarks/results (default: text_<texts>_<device>)")
     args = parser.parse_args()
     device = torch.device(args.device)
     texts = load_texts(args.texts, args.num_texts)
@@ -134,7 +136,7 @@ def main() -> None:
         rows, f"text encoding, all-MiniLM-L6-v2, {len(texts)} {args.texts}, max_length {args.max_length}, {device}"
     )
     command = "python benchmarks/bench_text.py " + " ".join(sys.argv[1:])
-    write_results(f"text_{args.texts}_{device.type}", rows, markdown, command=command)
+    write_results(args.out or f"text_{args.texts}_{device.type}", rows, markdown, command=command)
 
 
 if __name__ == "__main__":
