@@ -11,8 +11,7 @@ class CrossNet(nn.Module):
 
     def __init__(self, dim: int, num_layers: int, rank: int = 0) -> None:
         super().__init__()
-        layers = [_cross_matrix(dim, rank) for _ in range(num_layers)]
-        self.layers = nn.ModuleList(layers)
+        self.layers = nn.ModuleList(_cross_matrix(dim, rank) for _ in range(num_layers))
 
     def forward(self, x0: Tensor) -> Tensor:
         device = x0.device.type
