@@ -57,10 +57,16 @@ def test_mmoe_equals_gate_weighted_sum_of_its_experts() -> None:
     torch.testing.assert_close(mixture(x)[0], expected)
 
 
-def test_shared_bottom_gives_every_task_the_same_input() -> None:
-    task_inputs, gates = _mixture("shared_bottom")(torch.randn(BATCH, IN_DIM))
+def test_shared_bottom_gives_every_task_the_expert_output_and_has_no_gate_parameters() -> None:
+    mixture, x = _mixture("shared_bottom"), torch.randn(BATCH, IN_DIM)
+    task_inputs, gates = mixture(x)
     assert (gates == 1).all()
-    torch.testing.assert_close(task_inputs[:, 0], task_inputs[:, 2])
+    expert_out = mixture.levels[0].experts(x)[:, 0]  # [B, D]
+    for task in range(NUM_TASKS):
+        torch.testing.assert_close(task_inputs[:, task], expert_out, rtol=0, atol=0)
+    assert not any("gates" in name for name, _ in mixture.named_parameters())
+    task_inputs.sum().backward()  # the tasks' gradients summed on the expert: every parameter has one
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in mixture.parameters())
 
 
 def test_gate_dropout_drops_experts_in_training_only() -> None:
@@ -117,15 +123,20 @@ def test_balance_norm_gives_each_task_its_share_of_the_mean_norm() -> None:
     torch.testing.assert_close(fresh.running_norms, built.transpose(0, 1).flatten(1).norm(dim=1))
 
 
-def test_cross_layers_follow_the_formula_and_run_in_the_autocast_dtype() -> None:
+def test_cross_layers_follow_the_formula_and_its_gradients_and_run_in_the_autocast_dtype() -> None:
     torch.manual_seed(0)
-    cross, x0 = CrossNet(IN_DIM, 2), torch.randn(BATCH, IN_DIM)
+    cross, x0 = CrossNet(IN_DIM, 2), torch.randn(BATCH, IN_DIM, requires_grad=True)
     for layer in cross.layers:
         torch.nn.init.normal_(layer.bias)
     x = x0
     for layer in cross.layers:  # DCN-v2: x_{l+1} = x_0 * (W_l x_l + b_l) + x_l
         x = x0 * (x @ layer.weight.T + layer.bias) + x
-    torch.testing.assert_close(cross(x0), x)
+    out, grad = cross(x0), torch.randn(BATCH, IN_DIM)
+    torch.testing.assert_close(out, x)
+    inputs = [x0, *cross.parameters()]
+    for ours, formula in zip(torch.autograd.grad(out, inputs, grad), torch.autograd.grad(x, inputs, grad), strict=True):
+        torch.testing.assert_close(ours, formula)
+    x, x0 = x.detach(), x0.detach()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = cross(x0)
     assert low.dtype == torch.bfloat16  # one cast of x_0, every layer in bf16

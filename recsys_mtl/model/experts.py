@@ -122,9 +122,11 @@ class _BalancedMix(torch.autograd.Function):
         return torch.einsum("bge,bed->bgd", gate_weights, expert_out)  # [B, G, D]
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, Tensor, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor, None]:  # type: ignore[override]
         gate_weights, expert_out = ctx.saved_tensors
-        grad_gates = torch.einsum("bgd,bed->bge", grad, expert_out)  # [B, G, E]: each gate's own, unscaled
+        grad_gates = None  # none for a single expert's constant gates
+        if ctx.needs_input_grad[0]:
+            grad_gates = torch.einsum("bgd,bed->bge", grad, expert_out)  # [B, G, E]: each gate's own, unscaled
         scale = ctx.balance(gate_weights, grad).to(grad.dtype)  # [G]
         grad_experts = torch.einsum("bge,bgd->bed", gate_weights, grad * scale[:, None])  # [B, E, D]
         return grad_gates, grad_experts, None
@@ -159,8 +161,9 @@ class MixtureLevel(nn.Module):
         self.register_buffer("gate_mask", mask, persistent=False)  # [G, E]
         self.register_buffer("owner", torch.tensor(owner), persistent=False)  # [E] input row of each expert
         self.experts = ExpertStack(num_experts, in_dim, cfg.expert_dims, cfg.dropout)
-        # [D_in, G, E]: one matmul for all gates, and a contiguous gradient (DDP copies strided ones into its buckets)
-        self.gates = nn.Parameter(torch.randn(in_dim, num_gates, num_experts) * 0.01)
+        # [D_in, G, E]: one matmul for all gates, and a contiguous gradient (DDP copies strided ones into its buckets);
+        # none over a single expert (shared_bottom), where every gate is 1
+        self.gates = nn.Parameter(torch.randn(in_dim, num_gates, num_experts) * 0.01) if num_experts > 1 else None
         self.num_gates = num_gates
         self.gate_dropout = cfg.gate_dropout
         self.balance: GradientBalance | None = None  # set on the last level by Mixture
@@ -175,11 +178,13 @@ class MixtureLevel(nn.Module):
         Returns:
             ([B, G, D_exp] one mixture per gate, [B, G, E] gate weights, zero outside each gate's experts).
         """
+        expert_out = self.experts(inputs if inputs.dim() == 2 else inputs[:, self.owner])  # [B, E, D_exp]
+        if self.gates is None:
+            gate_weights = torch.ones(len(inputs), self.num_gates, 1, device=inputs.device)  # [B, G, 1]
+            return mix(gate_weights, expert_out, self.balance), gate_weights
         if inputs.dim() == 2:
-            expert_out = self.experts(inputs)  # [B, E, D_exp]
             logits = (inputs @ self.gates.flatten(1)).view(-1, *self.gates.shape[1:])  # [B, G, E]
         else:
-            expert_out = self.experts(inputs[:, self.owner])  # [B, E, D_exp]
             logits = torch.einsum("bgi,ige->bge", inputs[:, : self.num_gates], self.gates)  # [B, G, E]
         routable = self.gate_mask  # [G, E]
         if self.training and self.gate_dropout > 0:  # drop experts from gates, so no gate can rest on one expert
