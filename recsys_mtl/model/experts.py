@@ -1,6 +1,6 @@
 """Shared-bottom, MMoE and PLE as one module: levels of stacked experts mixed by per-task softmax gates.
 
-- shared_bottom: one level, one shared expert (every gate is trivially 1).
+- shared_bottom: one level, one shared expert (every gate is trivially 1: the level has no gate parameters).
 - mmoe: one level of E shared experts, one gate per task over all of them.
 - ple: L levels (CGC) of shared experts and task-specific experts; task t's gate mixes its own and the shared experts,
   and below the last level a shared gate mixes all of them for the next level's shared experts.
