@@ -11,8 +11,8 @@
    MMoE, towers) eager against torch.compile.
 4. The project's full training step on the config's dataset at batch 4096, in fp32 and, where the device has native
    bf16, under bf16 autocast, against the batch reader; model FLOP utilisation (dense FLOPs per sample x samples/s /
-   the matmul rate of the dtype the step runs its matmuls in); a torch.profiler table of three steps in the dtype
-   `train.bf16 = "auto"` picks.
+   the matmul rate of the dtype the step runs its matmuls in, measured just before each round of steps: the median
+   round's); a torch.profiler table of three steps in the dtype `train.bf16 = "auto"` picks.
 Writes benchmarks/results/kernels_<device>.json and .md (or <out>.json and .md).
 """
 
@@ -80,11 +80,16 @@ def ceilings(device: torch.device, quick: bool) -> dict[str, float]:
     triad = best_of(lambda: (torch.add(b, c, alpha=3.0, out=a), _sync(device)), 5)
     out = {"copy GB/s": 2 * 4 * n / copy / 1e9, "triad GB/s": 3 * 4 * n / triad / 1e9}
     for dtype in (torch.float32, torch.bfloat16):
-        x = torch.randn(BATCH, 1024, device=device, dtype=dtype)
-        w = torch.randn(1024, 1024, device=device, dtype=dtype)
-        seconds = _timed(lambda x=x, w=w: x @ w, 2 if dtype == torch.bfloat16 and device.type == "cpu" else 10, device)
-        out[f"matmul {str(dtype).removeprefix('torch.')} GFLOP/s"] = 2 * BATCH * 1024 * 1024 / seconds / 1e9
+        out[f"matmul {str(dtype).removeprefix('torch.')} GFLOP/s"] = matmul_rate(dtype, device) / 1e9
     return out
+
+
+def matmul_rate(dtype: torch.dtype, device: torch.device) -> float:
+    """FLOP/s of [4096, 1024] x [1024, 1024] in `dtype` (10 calls; 2 for bf16 on a CPU, where it may be emulated)."""
+    x = torch.randn(BATCH, 1024, device=device, dtype=dtype)
+    w = torch.randn(1024, 1024, device=device, dtype=dtype)
+    seconds = _timed(lambda: x @ w, 2 if dtype == torch.bfloat16 and device.type == "cpu" else 10, device)
+    return 2 * BATCH * 1024 * 1024 / seconds
 
 
 def _embedding_batches(num: int, device: torch.device) -> list[KeyedJaggedTensor]:
@@ -263,11 +268,10 @@ def dense_rows(cfg_model: ModelConfig, in_dim: int, device: torch.device, quick:
     return rows
 
 
-def full_step_rows(
-    config: Path, device: torch.device, bf16: bool, matmul_flops: float, quick: bool
-) -> tuple[list[dict], str]:
+def full_step_rows(config: Path, device: torch.device, bf16: bool, quick: bool) -> tuple[list[dict], str]:
     """The project's train_step at batch 4096 on the config's dataset (bf16 autocast or not); the reader over the same
-    rows; MFU against `matmul_flops` (FLOP/s of the dtype in use); a profile of three steps."""
+    rows; MFU against the matmul rate of the dtype in use, each round of steps paired with a measure of that rate
+    taken just before it (the median round's: both move with a shared machine's load); a profile of three steps."""
     cfg = load_config(config)
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=BATCH, bf16=bf16))
     dataset = Dataset(cfg.dataset)
@@ -285,7 +289,9 @@ def full_step_rows(
         train_step(trainer, batches[state["i"] % len(batches)], state["i"])
         state["i"] += 1
 
-    seconds = _timed(step, num_batches, device)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    rounds = [(matmul_rate(dtype, device), _timed(step, num_batches, device)) for _ in range(3 if quick else 5)]
+    seconds = sorted(s for _, s in rounds)[len(rounds) // 2]
     reader_seconds = (
         best_of(
             lambda: [
@@ -301,21 +307,23 @@ def full_step_rows(
     with FlopCounterMode(display=False) as counter:
         step()
     flops_per_sample = counter.get_total_flops() / BATCH
+    utilisation = sorted(flops_per_sample * BATCH / s / rate for rate, s in rounds)[len(rounds) // 2]
     with profile(
         activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     ) as prof:
         for _ in range(3):
             step()
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60)
-    dtype = "bf16" if bf16 else "fp32"
+    name = "bf16" if bf16 else "fp32"
     rows = [
-        {"measure": f"training step ({dtype}), samples/s", "value": BATCH / seconds},
-        {"measure": f"batch reader rows/s over training samples/s ({dtype})", "value": seconds / reader_seconds},
+        {"measure": f"training step ({name}), samples/s", "value": BATCH / seconds},
+        {"measure": f"batch reader rows/s over training samples/s ({name})", "value": seconds / reader_seconds},
         {"measure": "dense FLOPs per sample (forward + backward)", "value": flops_per_sample},
         {
-            "measure": f"model FLOP utilisation ({dtype} step, of the {dtype} matmul rate)",
-            "value": flops_per_sample * BATCH / seconds / matmul_flops,
+            "measure": f"matmul rate ({name}) beside the steps, GFLOP/s (median of {len(rounds)})",
+            "value": sorted(rate for rate, _ in rounds)[len(rounds) // 2] / 1e9,
         },
+        {"measure": f"model FLOP utilisation ({name} step, of that matmul rate)", "value": utilisation},
     ]
     for row in rows:
         print(row, flush=True)
@@ -338,8 +346,7 @@ def main() -> None:
     step, profile_table = [], ""
     auto = use_bf16("auto", device)
     for bf16 in (False, True) if auto else (False,):
-        rate = limits[f"matmul {'bfloat16' if bf16 else 'float32'} GFLOP/s"] * 1e9
-        rows, table = full_step_rows(args.config, device, bf16, rate, args.quick)
+        rows, table = full_step_rows(args.config, device, bf16, args.quick)
         step, profile_table = step + rows, table if bf16 == auto else profile_table
     markdown = "\n".join(
         [

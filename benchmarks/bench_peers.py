@@ -206,7 +206,8 @@ def our_notes(cfg: Config, dataset: Dataset) -> list[str]:
         )
         + f"); dense: {cfg.optim.dense} lr {cfg.optim.lr}"
         f" decayed {cfg.optim.decay}; loss {cfg.loss.reduction}-level, {cfg.loss.weighting} weighting",
-        f"dense features through an MLP {list(cfg.model.dense_dims)}; gates: one softmax layer per task",
+        f"dense features through an MLP {list(cfg.model.dense_dims)}; gates: "
+        + ("none (one expert)" if cfg.model.arch == "shared_bottom" else "one softmax layer per task"),
         f"input_norm = {cfg.model.input_norm!r} on the concatenated features (no cross layers, no text here)",
         "samples/s: training loop incl. reading parquet batches (metrics.jsonl), validation and checkpoints excluded"
         + (" (but those between epochs are inside the cumulative rate)" if cfg.train.epochs > 1 else ""),
