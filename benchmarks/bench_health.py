@@ -16,6 +16,7 @@ import itertools
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -51,6 +52,7 @@ class Side:
 
     name: str
     trainer: Trainer  # build_trainer seeds the generator: each side's stream starts where its build left it
+    step_fn: Callable[..., dict[str, float]] = train_step  # another revision's (bench_step --a-revision)
     step: int = 0
     losses: list[float] = dataclasses.field(default_factory=list)
     rng: list[torch.Tensor] = dataclasses.field(default_factory=_rng_states)
@@ -62,7 +64,7 @@ class Side:
         start = time.perf_counter()
         for _ in range(num_steps):
             due = conflict_due(every, self.step + 1) if measure is None else measure
-            metrics = train_step(self.trainer, batches[self.step % len(batches)], self.step, measure_conflict=due)
+            metrics = self.step_fn(self.trainer, batches[self.step % len(batches)], self.step, measure_conflict=due)
             self.losses.append(metrics["loss"])  # .item() in train_step: the step is done, on any device
             self.step += 1
         seconds = time.perf_counter() - start
