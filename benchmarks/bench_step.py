@@ -78,6 +78,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=8, help="windows per side")
     parser.add_argument("--out", default="step", help="results name under benchmarks/results (%(default)s)")
     args = parser.parse_args()
+    if args.steps < 1 or args.repeats < 2:
+        parser.error("--steps must be >= 1 and --repeats >= 2 (the paired windows' quartiles)")
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         config = args.config
