@@ -18,6 +18,7 @@ Writes benchmarks/results/kernels_<device>.json and .md (or <out>.json and .md).
 
 import argparse
 import dataclasses
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -291,7 +292,7 @@ def full_step_rows(config: Path, device: torch.device, bf16: bool, quick: bool) 
 
     dtype = torch.bfloat16 if bf16 else torch.float32
     rounds = [(matmul_rate(dtype, device), _timed(step, num_batches, device)) for _ in range(3 if quick else 5)]
-    seconds = sorted(s for _, s in rounds)[len(rounds) // 2]
+    seconds = statistics.median(s for _, s in rounds)  # rounds: an odd number
     reader_seconds = (
         best_of(
             lambda: [
@@ -307,7 +308,7 @@ def full_step_rows(config: Path, device: torch.device, bf16: bool, quick: bool) 
     with FlopCounterMode(display=False) as counter:
         step()
     flops_per_sample = counter.get_total_flops() / BATCH
-    utilisation = sorted(flops_per_sample * BATCH / s / rate for rate, s in rounds)[len(rounds) // 2]
+    utilisation = statistics.median(flops_per_sample * BATCH / s / rate for rate, s in rounds)
     with profile(
         activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     ) as prof:
@@ -321,7 +322,7 @@ def full_step_rows(config: Path, device: torch.device, bf16: bool, quick: bool) 
         {"measure": "dense FLOPs per sample (forward + backward)", "value": flops_per_sample},
         {
             "measure": f"matmul rate ({name}) beside the steps, GFLOP/s (median of {len(rounds)})",
-            "value": sorted(rate for rate, _ in rounds)[len(rounds) // 2] / 1e9,
+            "value": statistics.median(rate for rate, _ in rounds) / 1e9,
         },
         {"measure": f"model FLOP utilisation ({name} step, of that matmul rate)", "value": utilisation},
     ]

@@ -30,12 +30,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_health import NUM_BATCHES, WARMUP_STEPS, Side
-from bench_peers import DATASETS, OUR_ARCH, our_config
+from bench_peers import DATASETS, OUR_ARCH, REPO, our_config
 from common import print_table, write_results
 
 from recsys_mtl.config import load_config
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def package_at(revision: str, folder: Path) -> str:
